@@ -1,0 +1,144 @@
+"""torch.distributed helpers. Every function works without a process group (single process = rank 0 of 1).
+
+Launch multi-process runs with ``torchrun --nproc_per_node=N script.py ...`` (or the older
+``python -m torch.distributed.launch --use_env``): both set RANK / WORLD_SIZE / LOCAL_RANK, which
+``init_distributed_mode`` reads. CPU runs use gloo, CUDA runs nccl.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    distributed: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r}: expected an integer") from None
+
+
+def init_distributed_mode(device: str | None = None, backend: str | None = None) -> DistInfo:
+    """Join the process group described by RANK / WORLD_SIZE / LOCAL_RANK (torchrun) if WORLD_SIZE > 1.
+
+    ``device``: "cpu", "cuda" or None (= cuda when available). Returns a :class:`DistInfo`; without those
+    environment variables (a plain ``python script.py``) it is rank 0 of 1 and no process group is created.
+    """
+    if device not in (None, "cpu", "cuda"):
+        raise ValueError(f"device {device!r}: expected 'cpu' or 'cuda'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but CUDA is not available on this machine; use --device cpu")
+    use_cuda = torch.cuda.is_available() if device is None else device == "cuda"
+
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", rank)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"RANK={rank} / WORLD_SIZE={world_size} from the environment are inconsistent")
+
+    if use_cuda:
+        torch.cuda.set_device(local_rank % max(1, torch.cuda.device_count()))
+        dev = torch.device("cuda", torch.cuda.current_device())
+    else:
+        dev = torch.device("cpu")
+
+    if world_size == 1:
+        return DistInfo(rank=0, world_size=1, local_rank=0, distributed=False, device=dev)
+
+    if not is_dist_avail_and_initialized():
+        if not dist.is_available():
+            raise ValueError("WORLD_SIZE > 1 but this torch build has no torch.distributed support")
+        backend = backend or ("nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend=backend, init_method="env://", world_size=world_size, rank=rank)
+        barrier()
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, distributed=True, device=dev)
+
+
+def destroy_distributed() -> None:
+    if is_dist_avail_and_initialized():
+        dist.destroy_process_group()
+
+
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def save_on_master(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn(*args, **kwargs)`` on rank 0 only (e.g. ``save_on_master(atomic_save, ckpt, path)``)."""
+    if is_main_process():
+        return fn(*args, **kwargs)
+    return None
+
+
+def barrier() -> None:
+    if is_dist_avail_and_initialized():
+        dist.barrier()
+
+
+def _comm_device() -> torch.device:
+    if is_dist_avail_and_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_mean(value: torch.Tensor | float | int) -> torch.Tensor | float:
+    """Mean of ``value`` over all ranks (a new tensor; a float for a python number). Identity without a group."""
+    if not is_dist_avail_and_initialized():
+        return value if isinstance(value, torch.Tensor) else float(value)
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to(_comm_device(), dtype=torch.float64 if not value.is_floating_point() else value.dtype,
+                              copy=True)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return (t / get_world_size()).to(value.device)
+    t = torch.tensor(float(value), dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item() / get_world_size())
+
+
+def all_reduce_sum(value: torch.Tensor | float | int) -> torch.Tensor | float:
+    """Sum of ``value`` over all ranks (e.g. correct / total counts). Identity without a group."""
+    if not is_dist_avail_and_initialized():
+        return value if isinstance(value, torch.Tensor) else float(value)
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to(_comm_device(), copy=True)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.to(value.device)
+    t = torch.tensor(float(value), dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item())
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` from rank ``src`` on every rank (picklable objects). Identity without a group."""
+    if not is_dist_avail_and_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
