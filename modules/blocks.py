@@ -1,0 +1,251 @@
+"""Block families of the superspaces (reference spec §2.2), elastic in kernel, width and expand ratio.
+
+Every block is built from its `BlockSpec` choices, the widths its input may have (`in_list`) and its
+output width choices (`width_list`); `set_active(k, w, e)` picks one configuration and the input
+width is read from the tensor. A block built with single-choice lists is a static block.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from modules.ops import DynamicConvBNAct, DynamicLinear, DynamicSE, build_act, se_mid
+from modules.superspace import BlockSpec, make_divisible
+
+
+class DynamicBlock(nn.Module):
+    def __init__(self, spec: BlockSpec, in_list, width_list, stride: int):
+        super().__init__()
+        self.spec = spec
+        self.in_list, self.width_list = tuple(in_list), tuple(width_list)
+        self.kernel_list, self.expand_list = tuple(spec.kernel_list), tuple(spec.expand_list)
+        self.stride = stride
+        self.max_in, self.max_out, self.max_kernel = max(in_list), max(width_list), max(spec.kernel_list)
+        self.set_active(self.max_kernel, self.max_out, self.max_expand)
+
+    @property
+    def max_expand(self):
+        return None if self.expand_list == (None,) else max(self.expand_list)
+
+    def set_active(self, kernel: int, width: int, expand) -> None:
+        self.active_kernel, self.active_width, self.active_expand = kernel, width, expand
+
+    def _make_shortcut(self) -> nn.Module | None:
+        """A 1x1 stride-s conv + BN projection, built only if some (cin, w) pair needs it."""
+        if self.stride == 1 and all(c == w for c in self.in_list for w in self.width_list):
+            return None
+        return DynamicConvBNAct(self.max_in, self.max_out, 1, self.stride, act="none")
+
+    def _shortcut(self, x):
+        if x.shape[1] == self.active_width and self.stride == 1:
+            return x
+        self.shortcut.set_active(self.active_width)
+        return self.shortcut(x)
+
+    def hidden_width(self, cin: int) -> int | None:
+        return None
+
+    def config(self, cin: int) -> dict:
+        """Block configuration for the latency predictor and the counter."""
+        return dict(name=type(self).__name__, cin=cin, cout=self.active_width, kernel=self.active_kernel,
+                    expand=self.active_expand, stride=self.stride, act=self.spec.act, se=self.spec.se)
+
+
+class MobileNetV1Dual(DynamicBlock):
+    """DW k s -> 1x1 cin->w -> DW k -> 1x1 w->w (each BN+ReLU), plus identity or projection shortcut."""
+
+    def __init__(self, spec, in_list, width_list, stride):
+        super().__init__(spec, in_list, width_list, stride)
+        self.dw1 = DynamicConvBNAct(self.max_in, self.max_in, self.max_kernel, stride, spec.act, depthwise=True)
+        self.pw1 = DynamicConvBNAct(self.max_in, self.max_out, 1, 1, spec.act)
+        self.dw2 = DynamicConvBNAct(self.max_out, self.max_out, self.max_kernel, 1, spec.act, depthwise=True)
+        self.pw2 = DynamicConvBNAct(self.max_out, self.max_out, 1, 1, spec.act)
+        self.shortcut = self._make_shortcut()
+
+    def forward(self, x):
+        k, w = self.active_kernel, self.active_width
+        self.dw1.set_active(kernel_size=k)
+        self.pw1.set_active(w)
+        self.dw2.set_active(kernel_size=k)
+        self.pw2.set_active(w)
+        return self.pw2(self.dw2(self.pw1(self.dw1(x)))) + self._shortcut(x)
+
+    def last_bn(self):
+        return self.pw2.bn
+
+
+class InvertedResidual(DynamicBlock):
+    """MobileNetV2/V3 family: [1x1 expand] -> DW k (or K3 stack) -> [SE] -> 1x1 project; h = e * cin."""
+    k3_stack = False
+    force_residual = True
+
+    def __init__(self, spec, in_list, width_list, stride):
+        super().__init__(spec, in_list, width_list, stride)
+        self.max_hidden = max(make_divisible(e * c) for e in self.expand_list for c in self.in_list)
+        if any(make_divisible(e * c) != c for e in self.expand_list for c in self.in_list):
+            self.expand_conv = DynamicConvBNAct(self.max_in, self.max_hidden, 1, 1, spec.act)
+        else:
+            self.expand_conv = None
+        self.dw = DynamicConvBNAct(self.max_hidden, self.max_hidden, self.max_kernel, stride, spec.act,
+                                   depthwise=True, k3_stack=self.k3_stack)
+        self.se = DynamicSE(self.max_hidden, se_mid(self.max_hidden)) if spec.se else None
+        self.project = DynamicConvBNAct(self.max_hidden, self.max_out, 1, 1, "none")
+        if self.force_residual:
+            self.shortcut = self._make_shortcut()
+
+    def hidden_width(self, cin):
+        return make_divisible(self.active_expand * cin)
+
+    def forward(self, x):
+        cin = x.shape[1]
+        h = self.hidden_width(cin)
+        out = x
+        if h != cin:
+            self.expand_conv.set_active(h)
+            out = self.expand_conv(out)
+        self.dw.set_active(kernel_size=self.active_kernel)
+        out = self.dw(out)
+        if self.se is not None:
+            self.se.active_mid = se_mid(h)
+            out = self.se(out)
+        self.project.set_active(self.active_width)
+        out = self.project(out)
+        if self.force_residual:
+            return out + self._shortcut(x)
+        if cin == self.active_width and self.stride == 1:
+            return out + x
+        return out
+
+    def last_bn(self):
+        return self.project.bn if self.force_residual else None
+
+
+class MobileNetV2(InvertedResidual):
+    force_residual = False
+
+
+class MobileNetV2Res(InvertedResidual):
+    pass
+
+
+class MobileNetV3Res(InvertedResidual):
+    pass
+
+
+class MobileNetV2K3Res(InvertedResidual):
+    k3_stack = True
+
+
+class MobileNetV3K3Res(InvertedResidual):
+    k3_stack = True
+
+
+class ResNet(DynamicBlock):
+    """Bottleneck: 1x1 cin->h -> k x k s -> [SE, mid from cin] -> 1x1 h->w; act(path + shortcut); h = e * w."""
+
+    def __init__(self, spec, in_list, width_list, stride):
+        super().__init__(spec, in_list, width_list, stride)
+        self.max_hidden = max(make_divisible(e * w) for e in self.expand_list for w in self.width_list)
+        self.conv1 = DynamicConvBNAct(self.max_in, self.max_hidden, 1, 1, spec.act)
+        self.conv2 = DynamicConvBNAct(self.max_hidden, self.max_hidden, self.max_kernel, stride, spec.act)
+        self.se = DynamicSE(self.max_hidden, se_mid(self.max_in)) if spec.se else None
+        self.conv3 = DynamicConvBNAct(self.max_hidden, self.max_out, 1, 1, "none")
+        self.shortcut = self._make_shortcut()
+        self.final_act = build_act(spec.act)
+
+    def hidden_width(self, cin):
+        return make_divisible(self.active_expand * self.active_width)
+
+    def forward(self, x):
+        h = self.hidden_width(x.shape[1])
+        self.conv1.set_active(h)
+        self.conv2.set_active(h, self.active_kernel)
+        out = self.conv2(self.conv1(x))
+        if self.se is not None:
+            self.se.active_mid = se_mid(x.shape[1])
+            out = self.se(out)
+        self.conv3.set_active(self.active_width)
+        return self.final_act(self.conv3(out) + self._shortcut(x))
+
+    def last_bn(self):
+        return self.conv3.bn
+
+
+class ResNetSE(ResNet):
+    pass
+
+
+class FusedMBConvRes(DynamicBlock):
+    """Fused k x k s conv cin->h (always present) -> [SE, mid from cin] -> 1x1 h->w; always residual."""
+
+    def __init__(self, spec, in_list, width_list, stride):
+        super().__init__(spec, in_list, width_list, stride)
+        self.max_hidden = max(make_divisible(e * c) for e in self.expand_list for c in self.in_list)
+        self.fused = DynamicConvBNAct(self.max_in, self.max_hidden, self.max_kernel, stride, spec.act)
+        self.se = DynamicSE(self.max_hidden, se_mid(self.max_in)) if spec.se else None
+        self.project = DynamicConvBNAct(self.max_hidden, self.max_out, 1, 1, "none")
+        self.shortcut = self._make_shortcut()
+
+    def hidden_width(self, cin):
+        return make_divisible(self.active_expand * cin)
+
+    def forward(self, x):
+        h = self.hidden_width(x.shape[1])
+        self.fused.set_active(h, self.active_kernel)
+        out = self.fused(x)
+        if self.se is not None:
+            self.se.active_mid = se_mid(x.shape[1])
+            out = self.se(out)
+        self.project.set_active(self.active_width)
+        return self.project(out) + self._shortcut(x)
+
+    def last_bn(self):
+        return self.project.bn
+
+
+class FusedMBConvSERes(FusedMBConvRes):
+    pass
+
+
+class FirstConv(DynamicBlock):
+    """3x3 stride-2 conv + BN + ReLU on the image."""
+
+    def __init__(self, spec, in_list, width_list, stride):
+        super().__init__(spec, in_list, width_list, stride)
+        self.conv = DynamicConvBNAct(self.max_in, self.max_out, self.max_kernel, stride, spec.act)
+
+    def forward(self, x):
+        self.conv.set_active(self.active_width)
+        return self.conv(x)
+
+
+class FinalExpand(FirstConv):
+    """1x1 conv + BN + act to the head width."""
+
+
+class FeatureMix(FirstConv):
+    """Global average pool, then 1x1 conv + BN + act."""
+
+    def forward(self, x):
+        return super().forward(x.mean((2, 3), keepdim=True))
+
+
+class Logits(DynamicBlock):
+    """Flatten (never squeezes the batch dim), dropout, linear."""
+
+    def __init__(self, spec, in_list, width_list, stride, dropout: float = 0.0):
+        super().__init__(spec, in_list, width_list, stride)
+        self.dropout = nn.Dropout(dropout)
+        self.linear = DynamicLinear(self.max_in, self.max_out)
+
+    def forward(self, x):
+        return self.linear(self.dropout(x.flatten(1)))
+
+
+BLOCKS = {cls.__name__: cls for cls in (
+    MobileNetV1Dual, MobileNetV2, MobileNetV2Res, MobileNetV3Res, MobileNetV2K3Res, MobileNetV3K3Res,
+    ResNet, ResNetSE, FusedMBConvRes, FusedMBConvSERes, FirstConv, FinalExpand, FeatureMix, Logits)}
+
+def build_block(spec: BlockSpec, in_list, width_list, stride: int) -> DynamicBlock:
+    if spec.name not in BLOCKS:
+        raise ValueError(f"unknown block type {spec.name!r}; allowed: {', '.join(BLOCKS)}")
+    return BLOCKS[spec.name](spec, in_list, width_list, stride)
