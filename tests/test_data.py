@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from modules.data import (build_dataset, build_loader, calib_batches, set_loader_epoch, split_counts,
+                          split_holdout, write_digits_imagefolder)
+
+
+def _listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.png"))
+
+
+def test_digits_layout_and_counts(digits_root):
+    counts = split_counts(digits_root)
+    assert set(counts) == {"train", "val"}
+    for split in ("train", "val"):
+        assert sorted(counts[split]) == [str(i) for i in range(10)]
+        assert all(n > 0 for n in counts[split].values())
+    total = sum(sum(c.values()) for c in counts.values())
+    assert total == 1797
+    # stratified: every class has ~20 % of its images in val
+    for c in counts["train"]:
+        frac = counts["val"][c] / (counts["val"][c] + counts["train"][c])
+        assert 0.18 < frac < 0.22
+    img = Image.open(next((digits_root / "val" / "3").glob("*.png")))
+    assert img.size == (16, 16) and img.mode == "RGB"
+
+
+def test_digits_deterministic_and_idempotent(tmp_path, digits_root):
+    a = write_digits_imagefolder(tmp_path / "a", size=16, seed=0)
+    assert _listing(a) == _listing(digits_root)
+    some = sorted((a / "train" / "5").glob("*.png"))[0]
+    same = digits_root / some.relative_to(a)
+    assert hashlib.sha1(some.read_bytes()).digest() == hashlib.sha1(same.read_bytes()).digest()
+    mtime = some.stat().st_mtime_ns
+    assert write_digits_imagefolder(a, size=16, seed=0) == a  # marker present: nothing rewritten
+    assert some.stat().st_mtime_ns == mtime
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+    # another seed gives another split; other parameters rewrite the set
+    b = write_digits_imagefolder(tmp_path / "b", size=16, seed=1)
+    assert _listing(b) != _listing(a)
+    write_digits_imagefolder(a, size=20, seed=0)
+    assert Image.open(next((a / "train" / "0").glob("*.png"))).size == (20, 20)
+
+
+def test_build_dataset_shapes(digits_root):
+    train = build_dataset(digits_root, "train", train=True, image_size=24)
+    val = build_dataset(digits_root, "val", train=False, image_size=24)
+    assert len(train) + len(val) == 1797
+    assert train.classes == [str(i) for i in range(10)]
+    x, y = train[0]
+    assert x.shape == (3, 24, 24) and x.dtype == torch.float32 and 0 <= y < 10
+    x, y = val[5]
+    assert x.shape == (3, 24, 24)
+    # eval transform is deterministic
+    assert torch.equal(val[5][0], val[5][0])
+
+
+def test_no_hflip_by_default(digits_root):
+    from torchvision import transforms as T
+
+    names = [type(t).__name__ for t in build_dataset(digits_root, "train", True, 16).transform.transforms]
+    assert "RandomHorizontalFlip" not in names
+    flipped = build_dataset(digits_root, "train", True, 16, hflip=True).transform.transforms
+    assert any(isinstance(t, T.RandomHorizontalFlip) for t in flipped)
+
+
+def test_loader_holdout_and_determinism(digits_root):
+    train = build_dataset(digits_root, "train", train=False, image_size=16)
+    rest, holdout = split_holdout(train, 100, seed=3)
+    assert len(rest) + len(holdout) == len(train) and len(holdout) == 100
+    assert not set(rest.indices) & set(holdout.indices)
+    assert split_holdout(train, 100, seed=3)[1].indices == holdout.indices
+    assert split_holdout(train, 100, seed=4)[1].indices != holdout.indices
+    with pytest.raises(ValueError, match="holdout size"):
+        split_holdout(train, len(train), seed=0)
+
+    loader = build_loader(holdout, batch_size=32, train=True, seed=7)
+    set_loader_epoch(loader, 2)
+    first = [y.tolist() for _, y in loader]
+    set_loader_epoch(loader, 2)
+    again = [y.tolist() for _, y in loader]
+    set_loader_epoch(loader, 3)
+    other = [y.tolist() for _, y in loader]
+    assert first == again and first != other
+    assert len(first) == 3  # drop_last in training: 100 // 32
+    x, _ = next(iter(build_loader(holdout, 64, train=False)))
+    assert x.shape == (64, 3, 16, 16)
+    assert sum(1 for _ in calib_batches(loader, 7)) == 7
+
+
+def test_missing_and_empty_dirs(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"expected an ImageFolder: .*/<class>/<image>"):
+        build_dataset(tmp_path / "nope", "train", True, 16)
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no class subfolders"):
+        build_dataset(tmp_path / "empty", "train", True, 16)
+    cls = tmp_path / "noimg" / "val" / "cat"
+    cls.mkdir(parents=True)
+    (cls / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match=r"class folder .*cat holds no image"):
+        build_dataset(tmp_path / "noimg", "val", False, 16)
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    good = tmp_path / "d" / "train" / "a"
+    good.mkdir(parents=True)
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(good / "ok.png")
+    bad = good / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    ds = build_dataset(tmp_path / "d", "train", False, 8)
+    idx = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("broken.png")][0]
+    with pytest.raises(ValueError, match="cannot read image .*broken.png"):
+        ds[idx]
+    assert ds[1 - idx][0].shape == (3, 8, 8)
