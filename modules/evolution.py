@@ -211,7 +211,8 @@ def _fill(evo: Evolution, population: list, target: int, budget: int, random_can
 def aging_evolution(evo: Evolution, *, initial: list, random_candidate: Callable, mutations: list[Callable],
                     population_size: int, parent_size: int, cycles: int, max_stale: int = 1000) -> list[Record]:
     """Aging (regularized) evolution, spec §7.3. `cycles` bounds the history length (initial population
-    included). Seeds the population with `initial`, fills it with random candidates, then per step: a
+    included); as in the original, the last step may overshoot it by up to len(mutations) - 1 so that a
+    step is never cut short (which keeps resumed runs identical to uninterrupted ones). Seeds the population with `initial`, fills it with random candidates, then per step: a
     tournament of `parent_size` picks the parent; each operator of `mutations` makes one child, which, if
     new, is evaluated, appended, and the oldest member is popped. Stops after `max_stale` steps in a row
     without a new child. Returns the history."""

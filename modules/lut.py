@@ -297,11 +297,13 @@ def write_synthetic_lut(out_dir: str, superspace: str | SuperSpace, rows_per_fil
     """Write a complete synthetic LUT under ``<out_dir>/<superspace>/``; returns that directory.
 
     Sub-stages are sampled as in the LUT build (depth, k, e uniform, widths uniform in the window, CIN
-    uniform over the previous stage's full list, resolution uniform). NSR falls and latency rises with
+    uniform over the previous stage's full list; each resolution gets 1/3 of the rows, shuffled). NSR falls and latency rises with
     the sub-stage's capacity; each (stage, block) gets a random quality/cost factor, so the best space is
     not trivial. Value ranges resemble the shipped onnxw LUT (spec §12.3). Deterministic in `seed`.
     """
     space = _space(superspace)
+    if rows_per_file < len(space.block_kd_hw_list):
+        raise ValueError(f"synthetic LUT: rows_per_file {rows_per_file} < {len(space.block_kd_hw_list)} resolutions")
     rng = np.random.default_rng(seed)
     n_blocks = len(space.candidates)
     quality = rng.uniform(0.85, 1.2, size=(6, n_blocks))  # nsr multiplier
@@ -325,7 +327,7 @@ def write_synthetic_lut(out_dir: str, superspace: str | SuperSpace, rows_per_fil
         ki = rng.integers(len(kernels), size=(n, d_max))
         wi = rng.integers(len(window), size=(n, d_max))
         ei = rng.integers(len(expands), size=(n, d_max))
-        res = hw_list[rng.integers(len(hw_list), size=n)]
+        res = hw_list[rng.permutation(np.arange(n) % len(hw_list))]  # every resolution ~n/3 times
         cin = prev[rng.integers(len(prev), size=n)]
         noise = rng.lognormal(0, [0.05, 0.1], size=(n, 2))
         used = np.arange(d_max)[None, :] < depth[:, None]
