@@ -1,0 +1,221 @@
+"""Latency measurement and inference runners for exported ONNX / TFLite models (issue 5).
+
+* :func:`benchmark_onnx`: ONNX Runtime CPUExecutionProvider, ORT_ENABLE_ALL, sequential execution,
+  ``intra_op_num_threads=threads``, ``inter_op_num_threads=1``, random-normal input of the model's
+  input shape, `warmup` untimed runs then `runs` runs each timed with ``time.perf_counter``.
+* :func:`benchmark_tflite`: the LiteRT interpreter (``ai_edge_litert.interpreter``) with XNNPACK
+  (default) or the plain builtin kernels (``use_xnnpack=False``).
+* Both return ``dict(median, mean, std, min, runs, warmup, threads, ...)`` with times in **ms**;
+  the median is the figure to report.
+* :func:`run_onnx` / :func:`run_tflite`: outputs for a batch of inputs on fixed-batch-1 models
+  (int8 TFLite input/output tensors are (de)quantized with their scale and zero point).
+* latency.csv rows: :data:`LATENCY_HEADER`, :func:`latency_row`, :func:`write_latency_csv`,
+  :func:`pair_model_files` (``X.onnx`` + ``X_int8.onnx`` in a directory → one row).
+
+Example::
+
+    from modules.benchmark import benchmark_onnx
+    print(benchmark_onnx("m_int8.onnx", threads=1, warmup=100, runs=100)["median"])
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+__all__ = ["LATENCY_HEADER", "summarize_times", "benchmark_onnx", "benchmark_tflite", "onnx_session",
+           "tflite_interpreter", "run_onnx", "run_tflite", "latency_row", "write_latency_csv", "pair_model_files"]
+
+LATENCY_HEADER = ["name", "fp32_median_ms", "fp32_mean_ms", "fp32_std_ms", "int8_median_ms", "int8_mean_ms",
+                  "int8_std_ms", "speedup", "threads", "warmup", "runs"]
+
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8,
+               "tensor(int8)": np.int8, "tensor(int32)": np.int32, "tensor(int64)": np.int64}
+
+
+def _check_counts(threads: int, warmup: int, runs: int) -> None:
+    if threads < 1 or warmup < 0 or runs < 1:
+        raise ValueError(f"need threads >= 1, warmup >= 0, runs >= 1 (got {threads}, {warmup}, {runs})")
+
+
+def _require_file(path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    return path
+
+
+def summarize_times(times_s, threads: int, warmup: int) -> dict:
+    """Per-run times in seconds → dict of ms statistics (median, mean, std (population), min)."""
+    t = np.asarray(times_s, dtype=np.float64) * 1e3
+    return {"median": float(np.median(t)), "mean": float(t.mean()), "std": float(t.std()), "min": float(t.min()),
+            "runs": int(t.size), "warmup": int(warmup), "threads": int(threads)}
+
+
+def _time_calls(fn: Callable[[], object], warmup: int, runs: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _random_input(shape, dtype, rng: np.random.Generator) -> np.ndarray:
+    if np.issubdtype(dtype, np.floating):
+        return rng.standard_normal(shape).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, int(info.max) + 1, size=shape, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime
+def onnx_session(path, threads: int = 1, optimized_model_filepath: str | None = None):
+    """An ORT CPU session configured as for the benchmark (ORT_ENABLE_ALL, sequential, inter_op 1)."""
+    import onnxruntime as ort
+
+    path = _require_file(path, "ONNX model")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3  # errors only (no "removing unused initializer" chatter)
+    if optimized_model_filepath:
+        so.optimized_model_filepath = str(optimized_model_filepath)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _ort_input(sess, rng):
+    inputs = sess.get_inputs()
+    if len(inputs) != 1:
+        raise ValueError(f"expected a model with one input, got {[i.name for i in inputs]}")
+    i = inputs[0]
+    shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]  # symbolic batch → 1
+    return i.name, _random_input(shape, _ORT_DTYPES.get(i.type, np.float32), rng)
+
+
+def benchmark_onnx(path, threads: int = 1, warmup: int = 100, runs: int = 100, seed: int = 0) -> dict:
+    """Median/mean/std latency (ms) of one ONNX model with ONNX Runtime on the CPU."""
+    _check_counts(threads, warmup, runs)
+    sess = onnx_session(path, threads)
+    name, x = _ort_input(sess, np.random.default_rng(seed))
+    feed = {name: x}
+    out = summarize_times(_time_calls(lambda: sess.run(None, feed), warmup, runs), threads, warmup)
+    out["backend"] = "onnxruntime"
+    return out
+
+
+def run_onnx(path, x: np.ndarray, threads: int = 1) -> np.ndarray:
+    """First output of an ONNX model for each sample of `x` ([N,...]), run one sample at a time."""
+    sess = onnx_session(path, threads)
+    name = sess.get_inputs()[0].name
+    x = np.asarray(x, dtype=np.float32)
+    return np.concatenate([sess.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
+
+
+# ----------------------------------------------------------------------------- LiteRT
+def tflite_interpreter(path, threads: int = 1, use_xnnpack: bool = True):
+    """An allocated LiteRT interpreter; ``use_xnnpack=False`` selects the builtin kernels without
+    default delegates (the setting of the original phone measurements)."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    except ImportError as e:
+        raise ImportError(f"TFLite benchmarks need the LiteRT interpreter ({e}); install it with: "
+                          "pip install ai-edge-litert==2.3.0") from None
+    path = _require_file(path, "TFLite model")
+    resolver = OpResolverType.AUTO if use_xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    it = Interpreter(model_path=str(path), num_threads=threads, experimental_op_resolver_type=resolver)
+    it.allocate_tensors()
+    return it
+
+
+def benchmark_tflite(path, threads: int = 1, warmup: int = 100, runs: int = 100, use_xnnpack: bool = True,
+                     seed: int = 0) -> dict:
+    """Median/mean/std latency (ms) of one .tflite model with the LiteRT interpreter."""
+    _check_counts(threads, warmup, runs)
+    it = tflite_interpreter(path, threads, use_xnnpack)
+    rng = np.random.default_rng(seed)
+    for d in it.get_input_details():
+        it.set_tensor(d["index"], _random_input(tuple(d["shape"]), d["dtype"], rng))
+    out = summarize_times(_time_calls(it.invoke, warmup, runs), threads, warmup)
+    out.update(backend="litert", use_xnnpack=bool(use_xnnpack))
+    return out
+
+
+def run_tflite(path, x: np.ndarray, threads: int = 1, use_xnnpack: bool = True) -> np.ndarray:
+    """First output (float32) of a .tflite model for each sample of `x` ([N,...], float32), one at a
+    time; int8/uint8 input and output tensors are (de)quantized with their (scale, zero point)."""
+    it = tflite_interpreter(path, threads, use_xnnpack)
+    i, o = it.get_input_details()[0], it.get_output_details()[0]
+    x = np.asarray(x, dtype=np.float32)
+    outs = []
+    for k in range(len(x)):
+        xi = x[k:k + 1]
+        if tuple(xi.shape) != tuple(i["shape"]):
+            raise ValueError(f"{path}: input shape {tuple(i['shape'])}, got {tuple(xi.shape)}")
+        if i["dtype"] != np.float32:
+            s, z = i["quantization"]
+            info = np.iinfo(i["dtype"])
+            xi = np.clip(np.round(xi / s) + z, info.min, info.max).astype(i["dtype"])
+        it.set_tensor(i["index"], xi)
+        it.invoke()
+        y = it.get_tensor(o["index"])
+        if o["dtype"] != np.float32:
+            s, z = o["quantization"]
+            y = (y.astype(np.float32) - z) * s
+        outs.append(np.array(y, dtype=np.float32))
+    return np.concatenate(outs)
+
+
+# ----------------------------------------------------------------------------- latency.csv
+def latency_row(name: str, fp32: dict | None, int8: dict | None, threads: int, warmup: int, runs: int) -> dict:
+    """One latency.csv row (missing side → empty cells; speedup = fp32 median / int8 median)."""
+    def cell(d, k):
+        return "" if d is None else f"{d[k]:.4f}"
+
+    speedup = f"{fp32['median'] / int8['median']:.3f}" if fp32 and int8 and int8["median"] > 0 else ""
+    return {"name": name, "fp32_median_ms": cell(fp32, "median"), "fp32_mean_ms": cell(fp32, "mean"),
+            "fp32_std_ms": cell(fp32, "std"), "int8_median_ms": cell(int8, "median"),
+            "int8_mean_ms": cell(int8, "mean"), "int8_std_ms": cell(int8, "std"), "speedup": speedup,
+            "threads": threads, "warmup": warmup, "runs": runs}
+
+
+def write_latency_csv(path, rows: list[dict]) -> str:
+    """Write rows under :data:`LATENCY_HEADER` (atomic replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LATENCY_HEADER, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, path)
+    return str(path)
+
+
+def pair_model_files(directory, ext: str = ".onnx") -> list[tuple[str, Path | None, Path | None]]:
+    """(name, fp32 file, int8 file) for each model of a directory: ``X{ext}`` and ``X_int8{ext}``
+    make one pair named X; a file without its partner has None on the other side."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory {directory} not found")
+    pairs: dict[str, list] = {}
+    for p in sorted(directory.glob(f"*{ext}")):
+        stem = p.name[: -len(ext)]
+        if stem.endswith("_int8"):
+            pairs.setdefault(stem[: -len("_int8")], [None, None])[1] = p
+        else:
+            pairs.setdefault(stem, [None, None])[0] = p
+    if not pairs:
+        raise FileNotFoundError(f"no *{ext} files in {directory}")
+    return [(k, v[0], v[1]) for k, v in sorted(pairs.items())]

@@ -1,0 +1,1 @@
+"""TFLite (LiteRT) export and latency benchmark tools (issue 5)."""
