@@ -68,7 +68,7 @@ class Evolution:
         self.stop_reason: str | None = None
         self.show_progress = progress
         self._pbar = None
-        self._boundary = {"n_history": 0, "rng": _rng_to_json(self.rng.getstate()), "driver": None}
+        self._boundary = {"n_history": 0, "rng": self.rng.getstate(), "driver": None}
         self._last_save = time.monotonic()
 
     # ------------------------------------------------------------------------ candidates
@@ -136,13 +136,15 @@ class Evolution:
 
     # ------------------------------------------------------------------------ state
     def mark_boundary(self, driver_state: dict) -> None:
-        """Drivers call this between steps: the point a resumed run restarts from."""
+        """Drivers call this between steps: the point a resumed run restarts from. Lists in the driver
+        state are copied; drivers must not mutate other values in place."""
         self.driver_state = driver_state
-        self._boundary = {"n_history": len(self.history), "rng": _rng_to_json(self.rng.getstate()),
-                          "driver": copy.deepcopy(driver_state)}
+        self._boundary = {"n_history": len(self.history), "rng": self.rng.getstate(),
+                          "driver": {k: list(v) if isinstance(v, list) else v for k, v in driver_state.items()}}
 
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "config": self.config, "boundary": self._boundary,
+        boundary = dict(self._boundary, rng=_rng_to_json(self._boundary["rng"]))
+        return {"version": STATE_VERSION, "config": self.config, "boundary": boundary,
                 "records": [r.to_json() for r in self.history] + [r.to_json() for r in self.cache.values()],
                 "stop_reason": self.stop_reason}
 
@@ -173,7 +175,7 @@ class Evolution:
         self.cache = {r.key: r for r in records[b["n_history"]:]}
         self.rng.setstate(_rng_from_json(b["rng"]))
         self.driver_state = copy.deepcopy(b["driver"])
-        self._boundary = copy.deepcopy(b)
+        self._boundary = dict(copy.deepcopy(b), rng=self.rng.getstate())
         self.stop_reason = state.get("stop_reason")
 
     def load(self, path: str) -> "Evolution":
@@ -222,6 +224,16 @@ def aging_evolution(evo: Evolution, *, initial: list, random_candidate: Callable
     st = evo.driver_state or {"driver": "aging", "phase": "init", "population": [], "stale": 0}
     population = [evo.by_key[k] for k in st["population"]]
     evo.start_progress(cycles)
+    try:
+        _aging_steps(evo, st, population, initial, random_candidate, mutations, population_size, parent_size,
+                     cycles, max_stale)
+    finally:
+        evo.close()  # also saves the state when interrupted
+    return evo.history
+
+
+def _aging_steps(evo, st, population, initial, random_candidate, mutations, population_size, parent_size,
+                 cycles, max_stale):
     if st["phase"] == "init":
         for cand in initial:  # deterministic seeding; candidates already evaluated are skipped on resume
             if len(population) >= population_size or len(evo.history) >= cycles:
@@ -252,8 +264,6 @@ def aging_evolution(evo: Evolution, *, initial: list, random_candidate: Callable
         if st["stale"] >= max_stale:
             evo.stop(f"no new child in {max_stale} consecutive cycles: the space reachable by mutation "
                      f"looks exhausted ({len(evo.history)} evaluated)")
-    evo.close()
-    return evo.history
 
 
 def topk_evolution(evo: Evolution, *, random_candidate: Callable, mutate: Callable, crossover: Callable,
@@ -268,6 +278,16 @@ def topk_evolution(evo: Evolution, *, random_candidate: Callable, mutate: Callab
     st = evo.driver_state or {"driver": "topk", "iteration": 0, "population": [], "best": []}
     population = [evo.by_key[k] for k in st["population"]]
     evo.start_progress(population_size + iterations * (num_mutations + num_crossovers))
+    try:
+        _topk_steps(evo, st, population, random_candidate, mutate, crossover, population_size, parent_size,
+                    iterations, num_mutations, num_crossovers, max_crossover_tries)
+    finally:
+        evo.close()  # also saves the state when interrupted
+    return st["best"]
+
+
+def _topk_steps(evo, st, population, random_candidate, mutate, crossover, population_size, parent_size,
+                iterations, num_mutations, num_crossovers, max_crossover_tries):
     if st["iteration"] == 0:
         _fill(evo, population, population_size, sys.maxsize, random_candidate, st)
     while st["iteration"] < iterations and evo.stop_reason is None and population:
@@ -296,5 +316,3 @@ def topk_evolution(evo: Evolution, *, random_candidate: Callable, mutate: Callab
         if not children and num_mutations + num_crossovers > 0:
             evo.stop(f"iteration {st['iteration']}: no new child in {evo.max_tries} tries per slot: the space "
                      "looks exhausted")
-    evo.close()
-    return st["best"]
