@@ -156,6 +156,7 @@ class QTScorer:
         self._fixed_vec = np.repeat(fixed[self.draws.res_idx], self.chunk)  # (N,)
         self.cache_samples = cache_samples
         self._cache: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._buffers = None  # reused sample vectors of score()
         self.num_scored = 0
         self.num_infeasible = 0
 
@@ -178,23 +179,24 @@ class QTScorer:
             self._cache[key] = out
         return out
 
-    def samples(self, blocks: Sequence[int], windows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(loss, latency) of the N samples: stage sums in stage order, then + L_fixed(R)."""
+    def samples(self, blocks: Sequence[int], windows: Sequence[int],
+                out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(loss, latency) of the N samples: stage sums in stage order, then + L_fixed(R) (into `out`)."""
         if len(blocks) != NUM_STAGES or len(windows) != NUM_STAGES:
             raise ValueError(f"Q-T score: need {NUM_STAGES} blocks and windows, got {blocks} {windows}")
-        loss = lat = None
-        for i, (b, w) in enumerate(zip(blocks, windows), start=1):
-            sl, st = self.stage_samples(i, int(b), int(w))
-            if loss is None:
-                loss, lat = sl.copy(), st.copy()
-            else:
-                loss += sl
-                lat += st
-        lat += self._fixed_vec
+        parts = [self.stage_samples(i, int(b), int(w)) for i, (b, w) in enumerate(zip(blocks, windows), start=1)]
+        loss = np.add(parts[0][0], parts[1][0], out=None if out is None else out[0])
+        lat = np.add(parts[0][1], parts[1][1], out=None if out is None else out[1])
+        for sl, st in parts[2:]:
+            np.add(loss, sl, out=loss)
+            np.add(lat, st, out=lat)
+        np.add(lat, self._fixed_vec, out=lat)
         return loss, lat
 
     def score(self, blocks: Sequence[int], windows: Sequence[int]) -> QTScore:
-        loss, lat = self.samples(blocks, windows)
+        if self._buffers is None:
+            self._buffers = (np.empty(self.num_samples), np.empty(self.num_samples))
+        loss, lat = self.samples(blocks, windows, self._buffers)
         per = []
         for c in self.constraints:
             s, ll, tl, p = qt_from_samples(loss, lat, c, self.t, self.a, self.top_k)
