@@ -30,7 +30,8 @@ from typing import Callable
 import numpy as np
 
 __all__ = ["LATENCY_HEADER", "summarize_times", "benchmark_onnx", "benchmark_tflite", "onnx_session",
-           "tflite_interpreter", "run_onnx", "run_tflite", "latency_row", "write_latency_csv", "pair_model_files"]
+           "tflite_interpreter", "run_onnx", "run_tflite", "latency_row", "write_latency_csv", "pair_model_files",
+           "entry_model_files", "models_to_benchmark", "benchmark_pairs", "format_latency_table"]
 
 LATENCY_HEADER = ["name", "fp32_median_ms", "fp32_mean_ms", "fp32_std_ms", "int8_median_ms", "int8_mean_ms",
                   "int8_std_ms", "speedup", "threads", "warmup", "runs"]
@@ -199,6 +200,9 @@ def write_latency_csv(path, rows: list[dict]) -> str:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         f.write(buf.getvalue())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
     return str(path)
 
@@ -219,3 +223,62 @@ def pair_model_files(directory, ext: str = ".onnx") -> list[tuple[str, Path | No
     if not pairs:
         raise FileNotFoundError(f"no *{ext} files in {directory}")
     return [(k, v[0], v[1]) for k, v in sorted(pairs.items())]
+
+
+def entry_model_files(entries, model_dir, ext: str = ".onnx") -> list[tuple[str, Path, Path]]:
+    """(name, fp32 file, int8 file) of input.csv entries (:class:`modules.export.InputEntry`), files
+    ``<model_dir>/<stem>{ext}`` and ``<stem>_int8{ext}``; a missing file is a FileNotFoundError naming
+    it and the input line it comes from."""
+    model_dir = Path(model_dir)
+    out = []
+    for e in entries:
+        fp32, int8 = model_dir / f"{e.stem}{ext}", model_dir / f"{e.stem}_int8{ext}"
+        for f in (fp32, int8):
+            if not f.is_file():
+                where = f"{e.source}:{e.lineno}" if e.lineno else e.source
+                raise FileNotFoundError(f"model file {f} not found (for {where}: {e.name}); export it first "
+                                        f"({'onnx_tools/export_onnx.py' if ext == '.onnx' else 'tflite_tools/export_tflite.py'})")
+        out.append((e.name, fp32, int8))
+    return out
+
+
+def models_to_benchmark(input_path, model_dir, ext: str, models=(), encodings=()):
+    """Resolve a benchmark script's inputs: an input.csv (+ --model / --encoding entries, files in
+    `model_dir`) or a directory of model files. Returns (pairs, default output dir)."""
+    from modules.export import collect_entries
+
+    if input_path is not None and Path(input_path).is_dir():
+        if models or encodings:
+            raise ValueError("give either a model directory or input.csv / --model / --encoding entries, not both")
+        return pair_model_files(input_path, ext), Path(input_path)
+    if input_path is None and not models and not encodings:
+        raise ValueError("nothing to benchmark: give --input (an input.csv or a directory of models), --model or "
+                         "--encoding")
+    entries = collect_entries(input_path, models, encodings)
+    return entry_model_files(entries, model_dir, ext), Path(model_dir)
+
+
+def benchmark_pairs(pairs, bench: Callable[..., dict], threads: int = 1, warmup: int = 100, runs: int = 100,
+                    log: Callable[[str], None] | None = print, **kw) -> list[dict]:
+    """latency.csv rows for (name, fp32 file | None, int8 file | None) pairs, FP32 and INT8 of a model
+    measured one after the other in the same run."""
+    rows = []
+    for i, (name, fp32, int8) in enumerate(pairs, 1):
+        r32 = bench(fp32, threads=threads, warmup=warmup, runs=runs, **kw) if fp32 else None
+        r8 = bench(int8, threads=threads, warmup=warmup, runs=runs, **kw) if int8 else None
+        row = latency_row(name, r32, r8, threads, warmup, runs)
+        rows.append(row)
+        if log:
+            log(f"[{i}/{len(pairs)}] {name[:80]}: fp32 {row['fp32_median_ms'] or '-'} ms, "
+                f"int8 {row['int8_median_ms'] or '-'} ms, speedup {row['speedup'] or '-'}")
+    return rows
+
+
+def format_latency_table(rows: list[dict]) -> str:
+    cols = ["name", "fp32_median_ms", "int8_median_ms", "speedup", "threads"]
+    cells = [[str(r[c]) if c != "name" or len(str(r[c])) <= 60 else str(r[c])[:57] + "..." for c in cols]
+             for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)

@@ -51,9 +51,6 @@ __all__ = [
 
 ONNX_OPSETS = range(13, 18)  # per-channel QDQ needs >= 13; the dynamo exporter writes 18
 LITERT_INSTALL_HINT = "pip install litert-torch==0.10.0 ai-edge-litert==2.3.0 (needs torch < 2.15)"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class RandomCalibrationWarning(UserWarning):
@@ -95,6 +92,9 @@ def _atomic_target(path: str | os.PathLike, suffix: str) -> tuple[Path, Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the final file gets the usual permissions
     return path, Path(tmp)
 
 
@@ -117,15 +117,15 @@ def _as_nchw_batches(calib: Iterable, hw: tuple[int, int] | None = None) -> Iter
 
 
 # ----------------------------------------------------------------------------- calibration data
-def random_calib(resolution, num: int = 32, seed: int = 0, warn: bool = True) -> list[np.ndarray]:
-    """`num` random-normal [1,3,H,W] float32 inputs (roughly ImageNet-normalised statistics)."""
+def random_calib(resolution, num: int = 32, seed: int = 0, warn: bool = True, channels: int = 3) -> list[np.ndarray]:
+    """`num` random-normal [1,C,H,W] float32 inputs (roughly ImageNet-normalised statistics)."""
     if warn:
         warnings.warn("INT8 calibration uses random data: the quantized model is for latency only, its "
                       "accuracy is meaningless (pass real images, e.g. --calib_dir)",
                       RandomCalibrationWarning, stacklevel=2)
     h, w = _hw(resolution)
     rng = np.random.default_rng(seed)
-    return [rng.standard_normal((1, 3, h, w), dtype=np.float32) for _ in range(num)]
+    return [rng.standard_normal((1, channels, h, w), dtype=np.float32) for _ in range(num)]
 
 
 def calib_from_loader(loader: Iterable, num_samples: int = 128) -> list[np.ndarray]:
@@ -143,19 +143,21 @@ def calib_from_loader(loader: Iterable, num_samples: int = 128) -> list[np.ndarr
 
 def calib_loader_from_dir(root: str | os.PathLike, resolution, batch_size: int = 16,
                           num_workers: int = 0, transform=None, seed: int = 0):
-    """A shuffled DataLoader over an ImageFolder dir (``root/<class>/<img>``) with the standard
-    eval transform (resize to r/0.875, center crop r, ImageNet mean/std) unless `transform` is given."""
+    """A shuffled DataLoader over an ImageFolder dir (``root/<class>/<img>``, e.g. a dataset's ``train``
+    split) with the project's eval transform (``modules.data.build_transform``: resize r/0.875, center
+    crop r, ImageNet mean/std) unless `transform` is given."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"calibration dir {root} does not exist (expected an ImageFolder: root/<class>/<image>)")
-    from torchvision import datasets, transforms
+    from torchvision import datasets
 
     h, w = _hw(resolution)
     if transform is None:
-        transform = transforms.Compose([
-            transforms.Resize((int(round(h / 0.875)), int(round(w / 0.875)))),
-            transforms.CenterCrop((h, w)), transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        if h != w:
+            raise ValueError(f"calibration transform: square resolution expected, got {h}x{w} (pass transform=)")
+        from modules.data import build_transform
+
+        transform = build_transform(train=False, image_size=h)  # the eval transform used everywhere else
     try:
         ds = datasets.ImageFolder(str(root), transform=transform)
     except (FileNotFoundError, RuntimeError) as e:  # torchvision: no class folders / no images
@@ -189,9 +191,59 @@ def _inline_identity_initializers(model):
     return model
 
 
+def _fold_batchnorm(model):
+    """Fold ``Conv → BatchNormalization`` pairs (all parameters initializers, the Conv output used only
+    by the BN) into the Conv. The TorchScript exporter folds BN only for plain nn.Conv2d/nn.BatchNorm2d;
+    modules that call F.conv2d / F.batch_norm on sliced weights (elastic ops) keep a float BN, which
+    ORT's quantizer cannot put inside an int8 kernel."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    consumers: dict[str, int] = {}
+    for n in g.node:
+        for x in n.input:
+            consumers[x] = consumers.get(x, 0) + 1
+    outputs = {o.name for o in g.output}
+    producer = {o: n for n in g.node for o in n.output}
+    drop = set()
+    for bn in g.node:
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1 or len(bn.input) != 5:
+            continue
+        conv = producer.get(bn.input[0])
+        if (conv is None or conv.op_type != "Conv" or consumers.get(bn.input[0]) != 1 or bn.input[0] in outputs
+                or not all(x in inits for x in bn.input[1:]) or conv.input[1] not in inits
+                or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in inits)):
+            continue
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[x]).astype(np.float64) for x in bn.input[1:])
+        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+        b = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
+             if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0]))
+        scale = gamma / np.sqrt(var + eps)
+        w = w * scale.reshape(-1, *([1] * (w.ndim - 1)))
+        b = (b - mean) * scale + beta
+        wname, bname = f"{conv.name or conv.output[0]}.folded_weight", f"{conv.name or conv.output[0]}.folded_bias"
+        g.initializer.extend([numpy_helper.from_array(w.astype(np.float32), wname),
+                              numpy_helper.from_array(b.astype(np.float32), bname)])
+        del conv.input[1:]
+        conv.input.extend([wname, bname])
+        conv.output[0] = bn.output[0]
+        drop.add(id(bn))
+    if drop:
+        keep = [n for n in g.node if id(n) not in drop]
+        del g.node[:]
+        g.node.extend(keep)
+        used = {x for n in g.node for x in n.input} | outputs
+        unused = [t for t in g.initializer if t.name not in used]
+        for t in unused:
+            g.initializer.remove(t)
+    return model
+
+
 def export_onnx(model: nn.Module, resolution, path: str | os.PathLike, opset: int = 17,
-                dynamo: bool = False) -> str:
-    """Export `model` (fp32, eval mode, batch 1, input ``[1,3,H,W]``) to ONNX at `path`.
+                dynamo: bool = False, in_channels: int = 3) -> str:
+    """Export `model` (fp32, eval mode, batch 1, input ``[1,in_channels,H,W]``) to ONNX at `path`.
 
     `resolution` is an int, an (H, W) pair or None (then ``model.resolution``). Input/output names
     are ``input``/``output``. The model's train/eval flags are restored afterwards. Returns the path.
@@ -204,7 +256,7 @@ def export_onnx(model: nn.Module, resolution, path: str | os.PathLike, opset: in
         raise ValueError(f"opset {opset} not supported: use 13..17 (per-channel QDQ needs >= 13)")
     h, w = _hw(resolution, model)
     path, tmp = _atomic_target(path, ".onnx")
-    x = torch.randn(1, 3, h, w, device=_device(model))
+    x = torch.randn(1, in_channels, h, w, device=_device(model))
     try:
         with _eval_mode(model), torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
@@ -218,7 +270,7 @@ def export_onnx(model: nn.Module, resolution, path: str | os.PathLike, opset: in
                                   input_names=["input"], output_names=["output"], do_constant_folding=True,
                                   export_params=True)
                 proto = onnx.load(str(tmp))
-        proto = _inline_identity_initializers(proto)
+        proto = _fold_batchnorm(_inline_identity_initializers(proto))
         onnx.checker.check_model(proto)
         got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
         if got != opset:
@@ -301,7 +353,7 @@ def quantize_onnx_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLik
     if len(dims) != 4 or min(dims) <= 0:
         raise ValueError(f"{fp32_path}: input {name!r} must have a fixed [1,C,H,W] shape, got {dims}")
     if calib is None:
-        samples = random_calib(dims[2:], num_random_calib, seed=seed, warn=False)
+        samples = random_calib(dims[2:], num_random_calib, seed=seed, warn=False, channels=dims[1])
         warnings.warn(f"{fp32_path.name}: INT8 calibration uses {num_random_calib} random inputs: the INT8 model "
                       "is for latency only, its accuracy is meaningless (calibrate on real images)",
                       RandomCalibrationWarning, stacklevel=2)
@@ -351,8 +403,8 @@ def _import_litert_torch():
 
 def export_tflite(model: nn.Module, resolution, path: str | os.PathLike, int8: bool = False,
                   calib: Iterable | None = None, per_channel: bool = True, num_random_calib: int = 32,
-                  seed: int = 0) -> str:
-    """Convert `model` (eval mode, batch 1, NCHW input ``[1,3,H,W]``) to a ``.tflite`` at `path`.
+                  seed: int = 0, in_channels: int = 3) -> str:
+    """Convert `model` (eval mode, batch 1, NCHW input ``[1,in_channels,H,W]``) to a ``.tflite`` at `path`.
 
     fp32: ``litert_torch.convert``. int8 (`int8=True`): ``torch.export`` → PT2E ``prepare_pt2e`` with
     litert-torch's ``PT2EQuantizer`` (int8 per-tensor activations, int8 symmetric weights, per-channel
@@ -364,7 +416,7 @@ def export_tflite(model: nn.Module, resolution, path: str | os.PathLike, int8: b
     """
     litert_torch = _import_litert_torch()
     h, w = _hw(resolution, model)
-    x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(seed)).to(_device(model))
+    x = torch.randn(1, in_channels, h, w, generator=torch.Generator().manual_seed(seed)).to(_device(model))
     path, tmp = _atomic_target(path, ".tflite")
     try:
         with _eval_mode(model), torch.no_grad():  # export sees eval-mode BN / dropout; flags restored
@@ -376,7 +428,7 @@ def export_tflite(model: nn.Module, resolution, path: str | os.PathLike, int8: b
                 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
                 if calib is None:
-                    samples = random_calib((h, w), num_random_calib, seed=seed, warn=False)
+                    samples = random_calib((h, w), num_random_calib, seed=seed, warn=False, channels=in_channels)
                     warnings.warn(f"{path.name}: INT8 calibration uses {num_random_calib} random inputs: the INT8 "
                                   "model is for latency only, its accuracy is meaningless (calibrate on real images)",
                                   RandomCalibrationWarning, stacklevel=2)
@@ -467,19 +519,16 @@ def read_input_csv(path: str | os.PathLike, validate: bool = True) -> list[Input
     return entries
 
 
-def named_model_entry(name: str, results_yaml: str | os.PathLike | None = None) -> InputEntry:
-    """A published subnet by name (e.g. ``SEQnet@vnni-A0``) from ``data/search_results.yaml``."""
-    import yaml
+def named_model_entry(name: str) -> InputEntry:
+    """A published subnet by name (e.g. ``SEQnet@vnni-A0``), via ``modules.named_models``."""
+    from modules.named_models import get_named_model
 
-    results_yaml = Path(results_yaml) if results_yaml else REPO_ROOT / "data" / "search_results.yaml"
-    with open(results_yaml) as f:
-        data = yaml.safe_load(f)
-    subnets, supernets = data.get("subnets", {}), data.get("supernets", {})
-    if name not in subnets:
-        raise ValueError(f"model {name!r} not in {results_yaml}; known: {', '.join(sorted(subnets))}")
-    sup = supernets.get(subnets[name]["supernet"], subnets[name]["supernet"])
-    superspace, choice = sup.split("-", 1)
-    return parse_input_line(f"{superspace},{choice},{subnets[name]['arch']}", str(results_yaml), 0)
+    m = get_named_model(name)
+    if m.subnet is None:
+        raise ValueError(f"model {name!r} is a supernet ({m.supernet}); name a subnet (SEQnet@...) or pass "
+                         "--encoding <superspace>,<choice>,<subnet>")
+    superspace, choice = m.supernet.split("-", 1)
+    return parse_input_line(f"{superspace},{choice},{m.subnet}", f"model {name}", 0)
 
 
 def collect_entries(input_csv: str | None = None, models: Sequence[str] = (),

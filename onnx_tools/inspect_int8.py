@@ -68,20 +68,24 @@ def optimized_graph(path):
 
 
 _INDEXED = re.compile(r"(^|\.)\d+$")  # "features.3", "3": an element of a Sequential/ModuleList
+_BLOCK = re.compile(r"(^|\.)(blocks?|layers?)\.\d+$")  # "blocks.0", "stages.1.blocks.0"
 
 
 def _path_group(name: str, depth: int | None) -> str | None:
     """Block of a torch-exported node name ``/features/features.3/conv/Conv``: the first `depth` module
-    components, or (depth None) everything up to the first indexed component (``features/features.3``)."""
+    components, or (depth None) everything up to the first ``blocks.N`` / ``layers.N`` component
+    (``stages.6/blocks.0``), else up to the first indexed one (``features/features.3``), else the first
+    component (``final_expand``)."""
     parts = [p for p in name.split("/") if p][:-1]  # drop the op name
     if not parts:
         return None
     if depth is not None:
         return "/".join(parts[:depth])
-    for i, p in enumerate(parts):
-        if _INDEXED.search(p):
-            return "/".join(parts[:i + 1])
-    return "/".join(parts)
+    for pattern in (_BLOCK, _INDEXED):
+        for i, p in enumerate(parts):
+            if pattern.search(p):
+                return "/".join(parts[:i + 1])
+    return parts[0]
 
 
 def _node_groups(graph, depth: int | None) -> list[str]:
@@ -140,8 +144,9 @@ def inspect_onnx_int8(path, group_depth: int | None = None, verbose: bool = True
     float_op_types, status}`` of the ORT-optimised graph of `path`, plus a final ``TOTAL`` row.
 
     Blocks come from node names (torch export names nodes ``/features/features.3/conv/Conv``):
-    `group_depth` None = up to the first indexed component (``features/features.3``), an int = that
-    many leading module components. ``status`` is
+    `group_depth` None = up to the first ``blocks.N``/``layers.N`` component (``stages.6/blocks.0``),
+    else the first indexed one (``features/features.3``); an int = that many leading module
+    components. ``status`` is
     ``int8`` (no float compute), ``FLOAT FALLBACK`` (float compute ops in a quantized model) or
     ``fp32`` (a model without any int8 kernel). Prints a table and warns about fallback blocks
     when `verbose`.
@@ -201,10 +206,10 @@ def get_args_parser():
     p = argparse.ArgumentParser("Inspect int8 vs float ops of ONNX models after ORT optimisation", add_help=True)
     p.add_argument("models", nargs="+", help=".onnx files (or directories: every *_int8.onnx inside)")
     p.add_argument("--group_depth", type=int, default=None,
-                   help="leading node-name components that name a block (default: up to the first indexed one, "
-                        "e.g. features/features.3)")
+                   help="leading node-name components that name a block (default: up to blocks.N / layers.N, "
+                        "else the first indexed one, e.g. features/features.3)")
     p.add_argument("--output", default=None, help="CSV file for all rows (default: print only)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--debug", action="store_true", help="print full tracebacks on errors")
     return p
 
 
@@ -238,11 +243,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    _args = get_args_parser().parse_args()
-    try:
-        main(_args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        if _args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from modules.cli import run_main
+
+    run_main(main, get_args_parser())
