@@ -10,7 +10,8 @@ Example (search, then score given spaces)::
 
 Outputs under ``<output_dir>/space_search/<superspace>/c<c1+c2..>_t<t>_a<a>/``: ``ranked.csv`` (every
 evaluated space, best first), ``history.csv`` (one line per evaluation), ``score.png``, ``result.yaml``
-(best encoding) and ``state.json`` (for ``--resume``; ``--cycles`` may be raised on resume).
+(best encoding), ``args.yaml`` (reusable with ``-c``) and ``state.json`` (for ``--resume``; ``--cycles``
+may be raised on resume).
 Differences from the original: block choices of random individuals are really random, duplicates are
 never re-evaluated, mutation never loops on single-choice stages, and the search stops with a message
 when no new candidate can be produced.
@@ -23,6 +24,7 @@ import os
 import sys
 import time
 
+from modules.cli import run_main, save_run_info
 from modules.encoding import SupernetChoice, parse_supernet
 from modules.evolution import Evolution, aging_evolution
 from modules.lut import load_lut_dir
@@ -233,6 +235,7 @@ def main(args) -> dict:
                       fixed_latency=fixed, seed=args.seed)
     run_dir = run_dir_for(args)
     os.makedirs(run_dir, exist_ok=True)
+    save_run_info(args, run_dir)
 
     if choices is not None:
         fitness = make_fitness(scorer)
@@ -270,17 +273,5 @@ def main(args) -> dict:
     return result
 
 
-def cli(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except (ValueError, FileNotFoundError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(cli())
+    run_main(main, get_args_parser())

@@ -148,7 +148,10 @@ def read_lut_file(path: str, superspace: str | SuperSpace, stage: int, block: in
     if not 0 <= block < len(space.candidates):
         raise ValueError(f"{path}: block {block} not in 0..{len(space.candidates) - 1} for {space.name}")
     stage_name = SEARCHABLE[stage - 1]
-    space.stage(stage_name).window(window)  # range check
+    try:
+        space.stage(stage_name).window(window)  # range check
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     prev_widths = set(space.prev_width_list(stage_name))
     checker = _SubStageChecker(space, stage, block, window)
     shapes: dict[str, tuple[int, int, int]] = {}

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 import search_block_kd
+from modules.cli import run_main
 from bench.space_search import reference_score
 from modules.encoding import SupernetChoice
 from modules.lut import expected_keys, format_lut_row, load_lut_dir, lut_file_path, write_lut_file, write_synthetic_lut
@@ -151,6 +152,15 @@ def test_space_operators_never_return_parent():
             assert len(diff) == 1
 
 
+def run_cli(argv):
+    """Exit code of the script's entry point (run_main: errors -> one line on stderr, exit 2)."""
+    try:
+        run_main(search_block_kd.main, search_block_kd.get_args_parser(), argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
 def _cli(tmp_path, lut_root, *extra):
     return ["--superspace", "tiny", "--lut_dir", lut_root, "--output_dir", str(tmp_path / "out"), "--no_progress",
             "--latency_constraints", "15", "20", "--num_samples", "2000", "--chunk_size", "100", "--top_k", "10",
@@ -161,7 +171,7 @@ def test_cli_outputs_and_resume(tmp_path, capsys):
     lut_root = str(tmp_path / "lut")
     write_synthetic_lut(lut_root, "tiny", rows_per_file=30, seed=0)
     run_dir = tmp_path / "out" / "space_search" / "tiny" / "c15+20_t0.08_a0.01"
-    assert search_block_kd.cli(_cli(tmp_path, lut_root, "--cycles", "120")) == 0
+    assert run_cli(_cli(tmp_path, lut_root, "--cycles", "120")) == 0
     full = (run_dir / "ranked.csv").read_text()
     hist = list(csv.DictReader(open(run_dir / "history.csv")))
     assert [int(h["cycle"]) for h in hist] == list(range(1, len(hist) + 1)) and len(hist) in (120, 121)
@@ -170,20 +180,20 @@ def test_cli_outputs_and_resume(tmp_path, capsys):
     assert list(ranked[0]) == ["rank", "supernet", "score", "lat_loss", "top_loss", "p_c15", "p_c20"]
     result = yaml.safe_load(open(run_dir / "result.yaml"))
     assert result["best"]["supernet"] == ranked[0]["supernet"] and len(result["top5"]) == 5
-    assert (run_dir / "score.png").stat().st_size > 1000
+    assert (run_dir / "score.png").stat().st_size > 1000 and (run_dir / "args.yaml").is_file()
     # interrupted at 60, resumed to 120: same ranking as the uninterrupted run
-    assert search_block_kd.cli(_cli(tmp_path, lut_root, "--cycles", "60")) == 0
+    assert run_cli(_cli(tmp_path, lut_root, "--cycles", "60")) == 0
     assert len(json.load(open(run_dir / "state.json"))["records"]) in (60, 61)
-    assert search_block_kd.cli(_cli(tmp_path, lut_root, "--cycles", "120", "--resume")) == 0
+    assert run_cli(_cli(tmp_path, lut_root, "--cycles", "120", "--resume")) == 0
     assert (run_dir / "ranked.csv").read_text() == full
     # resuming with other settings is refused
     capsys.readouterr()
-    assert search_block_kd.cli(_cli(tmp_path, lut_root, "--cycles", "130", "--resume", "--seed", "1")) == 2
+    assert run_cli(_cli(tmp_path, lut_root, "--cycles", "130", "--resume", "--seed", "1")) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot resume") and err.count("\n") == 1
 
     # scoring mode
-    assert search_block_kd.cli(_cli(tmp_path, lut_root, "--score_only", ranked[0]["supernet"], "000000-000000")) == 0
+    assert run_cli(_cli(tmp_path, lut_root, "--score_only", ranked[0]["supernet"], "000000-000000")) == 0
     rows = list(csv.DictReader(open(run_dir / "score_only.csv")))
     assert rows[0]["supernet"] == ranked[0]["supernet"] and rows[0]["score"] == ranked[0]["score"]
     assert rows[1]["supernet"] == "tiny-000000-000000"
@@ -199,13 +209,13 @@ def test_cli_outputs_and_resume(tmp_path, capsys):
 def test_cli_bad_input_one_line(tmp_path, capsys, extra, message):
     lut_root = str(tmp_path / "lut")
     write_synthetic_lut(lut_root, "tiny", rows_per_file=6, seed=0)
-    assert search_block_kd.cli(_cli(tmp_path, lut_root, "--cycles", "5", *extra)) == 2
+    assert run_cli(_cli(tmp_path, lut_root, "--cycles", "5", *extra)) == 2
     err = capsys.readouterr().err
     assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
 
 
 def test_cli_missing_lut_dir(tmp_path, capsys):
-    assert search_block_kd.cli(_cli(tmp_path, str(tmp_path / "nope"), "--cycles", "5")) == 2
+    assert run_cli(_cli(tmp_path, str(tmp_path / "nope"), "--cycles", "5")) == 2
     assert "not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         search_block_kd.get_args_parser().parse_args(["--superspace", "big", "--latency_constraints", "5"])
