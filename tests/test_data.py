@@ -118,3 +118,51 @@ def test_unreadable_image_names_the_file(tmp_path):
     with pytest.raises(ValueError, match="cannot read image .*broken.png"):
         ds[idx]
     assert ds[1 - idx][0].shape == (3, 8, 8)
+
+
+def test_dist_helpers_without_process_group():
+    from modules import dist
+
+    info = dist.init_distributed_mode("cpu")
+    assert (info.rank, info.world_size, info.distributed) == (0, 1, False)
+    assert dist.get_rank() == 0 and dist.get_world_size() == 1 and dist.is_main_process()
+    assert dist.all_reduce_mean(3) == 3.0 and torch.equal(dist.all_reduce_mean(torch.ones(2)), torch.ones(2))
+    assert dist.broadcast_object({"a": 1}) == {"a": 1} and dist.save_on_master(lambda x: x + 1, 1) == 2
+    dist.barrier()
+
+
+_TWO_RANKS = """
+import json, sys
+sys.path.insert(0, {root!r})
+import torch
+from modules import dist
+from modules.data import build_loader, set_loader_epoch
+info = dist.init_distributed_mode("cpu")
+loader = build_loader(torch.utils.data.TensorDataset(torch.arange(20)), 2, train=True, distributed=True, seed=0)
+set_loader_epoch(loader, 1)
+seen = [int(v) for (b,) in loader for v in b]
+out = dict(rank=info.rank, world=info.world_size, seen=seen,
+           mean=dist.all_reduce_mean(float(info.rank)), obj=dist.broadcast_object(info.rank))
+print("RESULT " + json.dumps(out), flush=True)
+dist.destroy_distributed()
+"""
+
+
+def test_distributed_loader_two_ranks(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "two_ranks.py"
+    script.write_text(_TWO_RANKS.format(root=str(Path(__file__).resolve().parents[1])))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script)], capture_output=True, text=True, env=env, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = sorted((json.loads(line.split(" ", 1)[1]) for line in out.stdout.splitlines()
+                      if line.startswith("RESULT ")), key=lambda r: r["rank"])
+    assert [r["rank"] for r in results] == [0, 1] and all(r["world"] == 2 for r in results)
+    assert all(r["mean"] == 0.5 and r["obj"] == 0 for r in results)
+    a, b = results[0]["seen"], results[1]["seen"]
+    assert len(a) == len(b) == 10 and sorted(a + b) == list(range(20))
