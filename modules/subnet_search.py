@@ -1,0 +1,554 @@
+"""Subnet search (reference spec §2.3 mutation/crossover, §9) and subnet checkpoints.
+
+The pieces `search_subnet.py`, `eval_supernet.py`, `export_subnet.py` and `downstream_cls.py` share:
+
+* `SubnetSpace`: the subnet choices of one supernet (depth, kernel, width window, expand per stage and
+  the superspace's full `supernet_hw_list`) with the operators of the search: `random`, `mutate`
+  (spec §2.3, over every resolution, not just {192, 208, 224}) and `crossover`; they take an explicit
+  `random.Random` and return `SubnetConfig`s with float/None expand ratios.
+* `LatencyOracle`: cached predicted latency of a `SubnetConfig` (anything with `predict_subnet(net)`).
+* `SubnetEvaluator`: the fitness, top-1 of the BN-recalibrated subnet on fixed, in-memory batches
+  (`build_eval_batches`). It runs the subnet inside the supernet: a static (extracted) subnet is the same
+  code with single-choice lists, so this is what the extracted subnet computes (tested), without copying
+  weights per evaluation. Batches are resized to each resolution once and kept (memory permitting).
+* `run_subnet_search`: `modules.evolution.topk_evolution` over the subnets whose predicted latency lies in
+  [c - d, c]; out-of-window candidates are rejected before evaluation; no loop is unbounded, and a window
+  that no random subnet reaches is a ValueError giving the supernet's latency range.
+* Supernet checkpoints (`find_supernet_checkpoint`, `load_supernet_checkpoint`) and standalone subnet
+  checkpoints (`save_subnet_checkpoint`, `load_subnet_checkpoint`):
+  ``{"config": net.config_dict(), "model": state_dict, "quant_mode": "fp32"|"lsq", "quant_preset": ...}``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from modules.encoding import SubnetConfig, SupernetChoice, parse_subnet, parse_supernet
+from modules.superspace import SUBNET_STAGES
+
+SUBNET_CKPT_VERSION = 1
+
+
+def _float_or_none(e):
+    return None if e is None else float(e)
+
+
+# ------------------------------------------------------------------------------------------ search space
+@dataclass(frozen=True)
+class StageChoices:
+    name: str
+    depth_list: tuple
+    kernel_list: tuple
+    width_list: tuple  # the supernet's active width window
+    expand_list: tuple  # floats, or (None,) for blocks without expand ratio
+
+
+class SubnetSpace:
+    """The subnets of one supernet choice, with the search operators (spec §2.3)."""
+
+    def __init__(self, choice: SupernetChoice, hw_list: Sequence[int] | None = None):
+        self.choice = choice
+        self.stages: list[StageChoices] = []
+        for name in SUBNET_STAGES:
+            spec, stage, window = choice.stage_spec(name)
+            self.stages.append(StageChoices(name, tuple(stage.depth_list), tuple(spec.kernel_list), tuple(window),
+                                            tuple(_float_or_none(e) for e in spec.expand_list)))
+        self.hw_list = tuple(hw_list) if hw_list else tuple(choice.space.supernet_hw_list)
+        if not self.hw_list:
+            raise ValueError(f"{choice}: empty resolution list")
+
+    def decode(self, text: str) -> SubnetConfig:
+        cfg = parse_subnet(text, self.choice)
+        if cfg.resolution not in self.hw_list:
+            raise ValueError(f"subnet {text!r}: resolution {cfg.resolution} not in {list(self.hw_list)}")
+        return cfg
+
+    @staticmethod
+    def _block(s: StageChoices, rng: random.Random) -> tuple:
+        return rng.choice(s.kernel_list), rng.choice(s.width_list), rng.choice(s.expand_list)
+
+    def random(self, rng: random.Random) -> SubnetConfig:
+        """Uniform depth per stage, uniform (k, w, e) per block, uniform resolution."""
+        stages = [[self._block(s, rng) for _ in range(rng.choice(s.depth_list))] for s in self.stages]
+        return SubnetConfig.from_stages(stages, rng.choice(self.hw_list))
+
+    def extreme(self, largest: bool) -> SubnetConfig:
+        pick = max if largest else min
+        stages = [[(pick(s.kernel_list), pick(s.width_list),
+                    None if s.expand_list == (None,) else pick(s.expand_list))] * pick(s.depth_list)
+                  for s in self.stages]
+        return SubnetConfig.from_stages(stages, pick(self.hw_list))
+
+    def mutate(self, cfg: SubnetConfig, rng: random.Random, prob: float, resolution_prob: float) -> SubnetConfig:
+        """Per stage the depth is re-drawn with `prob`; each of k, w, e of the kept positions is re-drawn with
+        `prob`; positions beyond the old depth are drawn at random; the resolution is re-drawn (over the whole
+        resolution list) with `resolution_prob`."""
+        stages = []
+        for s, blocks in zip(self.stages, cfg.per_stage()):
+            depth = rng.choice(s.depth_list) if rng.random() < prob else len(blocks)
+            new = []
+            for j in range(depth):
+                if j < len(blocks):
+                    k, w, e = blocks[j]
+                    if rng.random() < prob:
+                        k = rng.choice(s.kernel_list)
+                    if rng.random() < prob:
+                        w = rng.choice(s.width_list)
+                    if rng.random() < prob:
+                        e = rng.choice(s.expand_list)
+                    new.append((k, w, _float_or_none(e)))
+                else:
+                    new.append(self._block(s, rng))
+            stages.append(new)
+        r = rng.choice(self.hw_list) if rng.random() < resolution_prob else cfg.resolution
+        return SubnetConfig.from_stages(stages, r)
+
+    def crossover(self, a: SubnetConfig, b: SubnetConfig, rng: random.Random) -> SubnetConfig:
+        """Per stage the depth of a random parent; per block each of k, w, e from a random parent; positions only
+        one parent has are copied from it; the resolution of a random parent."""
+        stages = []
+        for pa, pb in zip(a.per_stage(), b.per_stage()):
+            depth = len(rng.choice((pa, pb)))
+            new = []
+            for j in range(depth):
+                if j < len(pa) and j < len(pb):
+                    k, w, e = (rng.choice((x, y)) for x, y in zip(pa[j], pb[j]))
+                    new.append((k, w, _float_or_none(e)))
+                else:
+                    k, w, e = (pa if j < len(pa) else pb)[j]
+                    new.append((k, w, _float_or_none(e)))
+            stages.append(new)
+        return SubnetConfig.from_stages(stages, rng.choice((a.resolution, b.resolution)))
+
+
+# ------------------------------------------------------------------------------------------ latency
+class LatencyOracle:
+    """Predicted latency (ms) of subnets of `net`, cached by encoding. `predictor.predict_subnet(net)` is called
+    with the subnet active on `net`."""
+
+    def __init__(self, net: nn.Module, predictor: Any):
+        if not hasattr(predictor, "predict_subnet"):
+            raise ValueError(f"latency predictor {type(predictor).__name__} has no predict_subnet(net) method")
+        self.net, self.predictor = net, predictor
+        self.cache: dict[str, float] = {}
+
+    def __call__(self, cfg: SubnetConfig | str) -> float:
+        key = str(cfg)
+        lat = self.cache.get(key)
+        if lat is None:
+            self.net.set_active_subnet(cfg)
+            lat = float(self.predictor.predict_subnet(self.net))
+            if not math.isfinite(lat):
+                raise ValueError(f"latency predictor returned {lat} for subnet {key}")
+            self.cache[key] = lat
+        return lat
+
+
+def latency_range(space: SubnetSpace, lat: LatencyOracle, rng: random.Random, samples: int = 200) -> dict:
+    """Predicted latency of the min and max subnets and the range over `samples` random subnets."""
+    lo, hi = lat(space.extreme(False)), lat(space.extreme(True))
+    vals = [lat(space.random(rng)) for _ in range(samples)]
+    return {"min_subnet": lo, "max_subnet": hi, "sampled_min": min(vals), "sampled_max": max(vals),
+            "sampled_median": sorted(vals)[len(vals) // 2]}
+
+
+def sample_in_window(space: SubnetSpace, lat: LatencyOracle, lo: float, hi: float, rng: random.Random,
+                     num: int, max_tries: int, exclude: Iterable[str] = ()) -> list[SubnetConfig]:
+    """Up to `num` distinct random subnets with latency in [lo, hi] (at most `max_tries` draws)."""
+    seen, out = set(exclude), []
+    for _ in range(max_tries):
+        if len(out) >= num:
+            break
+        cfg = space.random(rng)
+        key = str(cfg)
+        if key not in seen and lo <= lat(cfg) <= hi:
+            seen.add(key)
+            out.append(cfg)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ fitness data
+def build_eval_batches(data_dir: str | os.PathLike, image_size: int, *, split: str = "holdout",
+                       holdout_size: int | None = None, num_calib_batches: int = 20, calib_batch_size: int = 64,
+                       batch_size: int = 64, seed: int = 0, workers: int = 0, hflip: bool = False,
+                       max_eval_images: int | None = None, cache_limit_gb: float = 4.0, log: Callable = print):
+    """(calib, val, info): `calib` a fixed list of `num_calib_batches` augmented training image tensors for BN
+    calibration, `val` the evaluation batches [(images, labels)] — the held-out part of train (`split`
+    "holdout", fixed-seed permutation of `modules.data.split_holdout`) or the val split ("val").
+
+    BN calibration images come from the train images *not* in the holdout. Everything is loaded once into
+    memory; a `val` larger than `cache_limit_gb` stays a DataLoader (re-read per evaluation)."""
+    from torch.utils.data import Subset
+
+    from modules.data import build_dataset, build_loader, calib_batches, split_holdout
+
+    if split not in ("holdout", "val"):
+        raise ValueError(f"evaluation split {split!r}: expected 'holdout' or 'val'")
+    train_aug = build_dataset(data_dir, "train", train=True, image_size=image_size, hflip=hflip)
+    n_train = len(train_aug)
+    if holdout_size is None:
+        holdout_size = min(10_000, max(1, n_train // 5))
+    train_eval = build_dataset(data_dir, "train", train=False, image_size=image_size)
+    calib_src, holdout = split_holdout(train_aug, holdout_size, seed=seed, holdout_dataset=train_eval)
+    eval_ds = holdout if split == "holdout" else build_dataset(data_dir, "val", train=False, image_size=image_size)
+    if max_eval_images is not None and max_eval_images < len(eval_ds):
+        eval_ds = Subset(eval_ds, list(range(int(max_eval_images))))
+    # fixed calibration batches: seeded shuffling and augmentation, drawn once
+    g_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        loader = build_loader(calib_src, calib_batch_size, train=True, workers=workers, seed=seed)
+        calib = [b[0] for b in calib_batches(loader, num_calib_batches)]
+    finally:
+        torch.random.set_rng_state(g_state)
+    val_loader = build_loader(eval_ds, batch_size, train=False, workers=workers)
+    nbytes = len(eval_ds) * 3 * image_size * image_size * 4
+    if nbytes <= cache_limit_gb * 2**30:
+        val = [(x, y) for x, y in val_loader]
+        cached = True
+    else:
+        log(f"evaluation set of {len(eval_ds)} images ({nbytes / 2**30:.1f} GB) exceeds --cache_limit_gb "
+            f"{cache_limit_gb}: it is re-read for every evaluation")
+        val, cached = val_loader, False
+    info = {"split": split, "eval_images": len(eval_ds), "calib_images": sum(len(x) for x in calib),
+            "holdout_size": holdout_size, "train_images": n_train, "eval_cached": cached}
+    return calib, val, info
+
+
+def resize_batch(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """What `SuperNet.forward` does to an input of another size (bicubic, no antialias)."""
+    if x.shape[-1] == resolution and x.shape[-2] == resolution:
+        return x
+    return F.interpolate(x, size=(resolution, resolution), mode="bicubic", align_corners=False)
+
+
+class SubnetEvaluator:
+    """fitness(cfg) = top-1 (%) of `cfg` on `val` after BN calibration on `calib`, run inside `net`."""
+
+    def __init__(self, net: nn.Module, calib: list, val: Iterable, device="cpu", cache_limit_gb: float = 4.0):
+        if not calib:
+            raise ValueError("BN calibration needs at least one batch")
+        self.net, self.calib, self.val, self.device = net, calib, val, torch.device(device)
+        self.cache_limit = cache_limit_gb * 2**30
+        self._resized: dict[int, tuple] = {}
+        self._bytes = 0
+        self.num_evaluations = 0
+
+    def _data(self, resolution: int):
+        if resolution in self._resized:
+            return self._resized[resolution]
+        calib = [resize_batch(x, resolution) for x in self.calib]
+        val = self.val
+        if isinstance(self.val, list):
+            val = [(resize_batch(x, resolution), y) for x, y in self.val]
+        size = sum(x.numel() * x.element_size() for x in calib)
+        if isinstance(val, list):
+            size += sum(x.numel() * x.element_size() for x, _ in val)
+        if self._bytes + size <= self.cache_limit:
+            self._resized[resolution] = (calib, val)
+            self._bytes += size
+        return calib, val
+
+    def __call__(self, cfg: SubnetConfig | str) -> float:
+        from modules.engine import calibrate_bn, evaluate_top1
+
+        self.net.set_active_subnet(cfg)
+        res = self.net.active_resolution
+        calib, val = self._data(res)
+        calibrate_bn(self.net, calib, len(calib), self.device)
+        self.num_evaluations += 1
+        return evaluate_top1(self.net, val, self.device)
+
+
+# ------------------------------------------------------------------------------------------ search
+@dataclass
+class SearchSettings:
+    """Defaults of the original (spec §9.3)."""
+    population: int = 512
+    parent_ratio: float = 0.5
+    iterations: int = 20
+    num_mutations: int = 128
+    num_crossovers: int = 128
+    mutate_prob: float = 0.3
+    resolution_mutate_prob: float = 0.5
+    max_crossover_tries: int = 50
+    max_tries: int = 5000  # per new candidate (random, mutant or crossover) and for the window check
+
+    @property
+    def parent_size(self) -> int:
+        return max(1, int(round(self.population * self.parent_ratio)))
+
+    def check(self) -> None:
+        for name in ("population", "iterations", "max_crossover_tries", "max_tries"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"search setting {name}={getattr(self, name)} must be >= 1")
+        for name in ("num_mutations", "num_crossovers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"search setting {name}={getattr(self, name)} must be >= 0")
+        if not 0 < self.parent_ratio <= 1:
+            raise ValueError(f"parent_ratio {self.parent_ratio} must be in (0, 1]")
+        for name in ("mutate_prob", "resolution_mutate_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} {getattr(self, name)} must be in [0, 1]")
+
+
+@dataclass
+class SearchOutcome:
+    evo: Any
+    trajectory: list
+    target: float
+    delta: float
+    window: tuple
+    latency_info: dict = field(default_factory=dict)
+
+    @property
+    def best(self):
+        return self.evo.best()
+
+
+def check_window(space: SubnetSpace, lat: LatencyOracle, lo: float, hi: float, rng: random.Random,
+                 max_tries: int, platform: str = "") -> SubnetConfig:
+    """A random subnet in [lo, hi], or a ValueError giving the supernet's latency range after `max_tries`."""
+    for _ in range(max_tries):
+        cfg = space.random(rng)
+        if lo <= lat(cfg) <= hi:
+            return cfg
+    r = latency_range(space, lat, rng)
+    on = f" under {platform}" if platform else ""
+    raise ValueError(
+        f"no subnet of {space.choice} has a predicted latency{on} in [{lo:g}, {hi:g}] ms after {max_tries} random "
+        f"tries; its subnets range from {r['min_subnet']:.4g} ms (min subnet) to {r['max_subnet']:.4g} ms "
+        f"(max subnet), random subnets {r['sampled_min']:.4g}..{r['sampled_max']:.4g} ms (median "
+        f"{r['sampled_median']:.4g}); choose a latency constraint in that range (or widen --latency_delta)")
+
+
+def run_subnet_search(space: SubnetSpace, lat: LatencyOracle, evaluator: Callable[[SubnetConfig], float],
+                      target: float, delta: float, settings: SearchSettings | None = None, *, seed: int = 0,
+                      state_path: str | os.PathLike | None = None, resume: bool = False,
+                      save_interval: float = 30.0, progress: bool = True, config: dict | None = None,
+                      platform: str = "", fitness_cache: dict | None = None,
+                      log: Callable[[str], None] | None = None) -> SearchOutcome:
+    """Top-k evolution (spec §9.3) over the subnets of `space` with predicted latency in [target - delta, target].
+
+    `evaluator(cfg) -> top-1` is only called for in-window candidates. `fitness_cache` (key -> top-1) may be
+    shared between targets. With `resume` and an existing `state_path`, the saved search continues and ends
+    exactly where an uninterrupted run ends."""
+    from modules.evolution import Evolution, topk_evolution
+
+    settings = settings or SearchSettings()
+    settings.check()
+    if not (delta >= 0 and target > 0 and math.isfinite(target) and math.isfinite(delta)):
+        raise ValueError(f"latency constraint {target} / delta {delta}: need constraint > 0 and delta >= 0")
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    lo, hi = target - delta, target
+    fitness_cache = {} if fitness_cache is None else fitness_cache
+
+    def in_window(cfg: SubnetConfig) -> bool:
+        return lo <= lat(cfg) <= hi
+
+    def fitness(cfg: SubnetConfig):
+        key = str(cfg)
+        acc = fitness_cache.get(key)
+        if acc is None:
+            acc = float(evaluator(cfg))
+            fitness_cache[key] = acc
+        st = evo.driver_state
+        # topk_evolution appends the iteration's best before making its children: 0 = initial population
+        iteration = len(st.get("best", [])) if st else 0
+        return acc, {"latency": lat(cfg), "iteration": iteration}
+
+    cfg = {"supernet": str(space.choice), "hw_list": list(space.hw_list), "target": target, "delta": delta,
+           "platform": platform, "seed": seed,
+           **{k: v for k, v in asdict(settings).items() if k not in ("iterations", "max_tries")}}
+    cfg.update(config or {})
+    evo = Evolution(fitness, encode=str, decode=space.decode, is_valid=in_window, seed=seed,
+                    max_tries=settings.max_tries, state_path=str(state_path) if state_path else None,
+                    save_interval=save_interval, progress=progress, config=cfg, log=log)
+    resumed = False
+    if state_path and os.path.isfile(state_path):
+        if not resume:
+            raise ValueError(f"{state_path} exists: pass --resume to continue that search, or --fresh to start over")
+        evo.load(str(state_path))
+        resumed = True
+        log(f"resumed {state_path}: {len(evo.history)} subnets evaluated, "
+            f"iteration {(evo.driver_state or {}).get('iteration', 0)}")
+    if not resumed:
+        # fail fast (and never loop) when the window is out of reach; uses its own rng, not the engine's
+        check_window(space, lat, lo, hi, random.Random(seed + 7919), settings.max_tries, platform)
+    try:
+        trajectory = topk_evolution(
+            evo, random_candidate=space.random,
+            mutate=lambda c, rng: space.mutate(c, rng, settings.mutate_prob, settings.resolution_mutate_prob),
+            crossover=space.crossover, population_size=settings.population, parent_size=settings.parent_size,
+            iterations=settings.iterations, num_mutations=settings.num_mutations,
+            num_crossovers=settings.num_crossovers, max_crossover_tries=settings.max_crossover_tries)
+    except KeyboardInterrupt:
+        if state_path:
+            evo.save()
+            log(f"interrupted: state saved to {state_path}; continue with --resume")
+        raise
+    if not evo.history:
+        raise ValueError(f"the search for [{lo:g}, {hi:g}] ms evaluated no subnet ({evo.stop_reason})")
+    bad = [r.key for r in evo.history if not lo <= r.info["latency"] <= hi]
+    assert not bad, f"out-of-window subnets were evaluated: {bad[:3]}"
+    return SearchOutcome(evo, trajectory, target, delta, (lo, hi))
+
+
+# ------------------------------------------------------------------------------------------ supernet checkpoints
+def find_supernet_checkpoint(output_dir: str | os.PathLike, encoding: str, quant_mode: str = "lsq") -> Path:
+    """`<output_dir>/supernet_training/<encoding>/{checkpoint,lsq}.pth` (lsq.pth for quant_mode "lsq")."""
+    if quant_mode not in ("fp32", "lsq"):
+        raise ValueError(f"quant mode {quant_mode!r}: expected fp32 or lsq")
+    name = "lsq.pth" if quant_mode == "lsq" else "checkpoint.pth"
+    path = Path(output_dir) / "supernet_training" / encoding / name
+    if not path.is_file():
+        other = path.with_name("checkpoint.pth" if quant_mode == "lsq" else "lsq.pth")
+        hint = f" ({other.name} exists there: use --quant_mode {'fp32' if quant_mode == 'lsq' else 'lsq'})" \
+            if other.is_file() else " (train it with train_supernet.py, or give --checkpoint)"
+        raise FileNotFoundError(f"supernet checkpoint {path} does not exist{hint}")
+    return path
+
+
+def _ckpt_meta(ckpt: dict, *names: str):
+    args = ckpt.get("args") or {}
+    if not isinstance(args, dict):
+        args = vars(args) if hasattr(args, "__dict__") else {}
+    for name in names:
+        if ckpt.get(name) is not None:
+            return ckpt[name]
+        if args.get(name) is not None:
+            return args[name]
+    return None
+
+
+def _state_of(ckpt: Any, path) -> dict:
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
+        state = ckpt["model"]
+    elif isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
+        state = ckpt["state_dict"]
+    else:
+        raise ValueError(f"checkpoint {path}: expected a dict with a 'model' state dict")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+
+
+def _state_quant(state: dict) -> tuple[str, str | None]:
+    """(quant mode, preset guess) from the keys and shapes of a state dict."""
+    w_scales = [v for k, v in state.items() if k.endswith("weight_quant.scale")]
+    if not w_scales:
+        return "fp32", None
+    return "lsq", ("ort" if any(v.numel() > 1 for v in w_scales) else "original")
+
+
+def load_supernet_checkpoint(path: str | os.PathLike, encoding: str | None = None, device="cpu",
+                             log: Callable[[str], None] | None = None):
+    """(SuperNet in eval mode with the checkpoint's weights, quant mode and preset; info dict).
+
+    The supernet encoding comes from `encoding`, else the checkpoint (``supernet`` / ``args.supernet_choice``
+    / ``args.supernet`` / ``args.encoding``), else the checkpoint's directory name. Quant mode and preset
+    come from the checkpoint (``quant_mode`` / ``quant_preset``, top level or in ``args``), else from its keys."""
+    from modules.checkpoint import load_checkpoint, load_state_dict_strict
+    from modules.lsq import quantizers, set_quant_mode
+    from modules.supernet import SuperNet
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    state = _state_of(ckpt, path)
+    enc = encoding or _ckpt_meta(ckpt, "supernet", "supernet_choice", "supernet_encoding", "encoding")
+    if enc is None:
+        enc = path.parent.name
+        try:
+            parse_supernet(enc)
+        except ValueError:
+            raise ValueError(f"checkpoint {path}: cannot tell its supernet encoding (not in the checkpoint, "
+                             f"directory name {enc!r} is none); pass --supernet") from None
+    choice = parse_supernet(str(enc))
+    if "logits.linear.weight" not in state:
+        raise ValueError(f"checkpoint {path}: no 'logits.linear.weight' in its state dict: not a supernet")
+    num_classes = int(state["logits.linear.weight"].shape[0])
+    mode_keys, preset_guess = _state_quant(state)
+    mode = _ckpt_meta(ckpt, "quant_mode") or mode_keys
+    if mode != mode_keys:
+        raise ValueError(f"checkpoint {path}: says quant_mode {mode!r} but its weights are {mode_keys}")
+    preset = _ckpt_meta(ckpt, "quant_preset", "preset") if mode == "lsq" else None
+    if mode == "lsq" and preset is None:
+        preset = preset_guess
+        log(f"warning: checkpoint {path} does not record its LSQ+ preset; assuming {preset!r}")
+    net = SuperNet(choice, num_classes)
+    if mode == "lsq":
+        set_quant_mode(net, "lsq", preset)
+    load_state_dict_strict(net, state, f"checkpoint {path}")
+    if mode == "lsq":
+        uninit = sum(1 for q in quantizers(net) if not bool(q.initialized))
+        if uninit:
+            log(f"warning: {uninit} LSQ+ quantizers of {path} were never initialised; they will be set from the "
+                "first batch they see")
+    net.to(device).eval()
+    info = {"path": str(path), "supernet": str(choice), "quant_mode": mode, "quant_preset": preset,
+            "num_classes": num_classes, "epoch": ckpt.get("epoch") if isinstance(ckpt, dict) else None}
+    return net, info
+
+
+# ------------------------------------------------------------------------------------------ subnet checkpoints
+def save_subnet_checkpoint(subnet: nn.Module, path: str | os.PathLike, **extra) -> Path:
+    """Write a standalone subnet (a static `SuperNet`, e.g. from `get_active_subnet`) atomically."""
+    from modules.checkpoint import atomic_save
+    from modules.lsq import get_quant_mode, quantizers
+
+    if getattr(subnet, "static_config", None) is None:
+        raise ValueError("save_subnet_checkpoint needs a standalone subnet (net.get_active_subnet()), not a supernet")
+    mode = get_quant_mode(subnet)
+    preset = quantizers(subnet)[0].preset if mode == "lsq" else None
+    ckpt = {"version": SUBNET_CKPT_VERSION, "config": subnet.config_dict(), "model": subnet.state_dict(),
+            "quant_mode": mode, "quant_preset": preset, **extra}
+    return atomic_save(ckpt, path)
+
+
+def load_subnet_checkpoint(path: str | os.PathLike, device="cpu", num_classes: int | None = None,
+                           return_ckpt: bool = False):
+    """The standalone subnet of a `save_subnet_checkpoint` file (eval mode, `.resolution` set): built with
+    `build_from_config`, switched to LSQ+ if it was, loaded strictly (weights_only=True).
+
+    `num_classes` other than the saved one gives a fresh head (for fine-tuning); every other weight must match.
+    With `return_ckpt`, returns (model, checkpoint dict)."""
+    from modules.checkpoint import load_checkpoint, load_state_dict_strict
+    from modules.lsq import set_quant_mode
+    from modules.supernet import build_from_config
+
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path}: not a subnet checkpoint (expected keys 'config' and 'model'; write one with "
+                         "export_subnet.py)")
+    config = dict(ckpt["config"])
+    saved_classes = config.get("num_classes")
+    new_head = num_classes is not None and num_classes != saved_classes
+    if new_head:
+        config["num_classes"] = int(num_classes)
+    try:
+        model = build_from_config(config)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    mode = ckpt.get("quant_mode", "fp32")
+    if mode == "lsq":
+        set_quant_mode(model, "lsq", ckpt.get("quant_preset") or "ort")
+    elif mode != "fp32":
+        raise ValueError(f"{path}: unknown quant_mode {mode!r}")
+    state = ckpt["model"]
+    if new_head:
+        # new weights, bias and weight quantizer; the input (activation) quantizer of the head is kept
+        fresh = {k: v for k, v in model.state_dict().items() if k.startswith("logits.") and ".act_quant." not in k}
+        state = {**{k: v for k, v in state.items() if k not in fresh}, **fresh}
+    load_state_dict_strict(model, state, f"subnet checkpoint {path}")
+    model.resolution = model.active_resolution
+    model.to(device).eval()
+    return (model, ckpt) if return_ckpt else model

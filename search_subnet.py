@@ -1,0 +1,369 @@
+"""Subnet search (reference spec §9): evolutionary search over the subnets of a trained supernet, per latency
+target c, for the best held-out top-1 among subnets whose predicted latency lies in [c - d, c].
+
+Example (digits demo, tiny superspace, two targets, small search)::
+
+    python search_subnet.py --supernet tiny-123450-000000 --latency_predictor ort_int8 \\
+        --latency_constraint 0.8 1.2 --latency_delta 0.1 --tiny
+    python search_subnet.py ... --resume          # continue a stopped search
+
+Fitness = top-1 of the subnet after BN recalibration (LSQ+ fake-quant when the checkpoint is LSQ+) on a split
+held out from the TRAIN images (`--holdout_size`, fixed-seed permutation); the val split is only used after the
+search, to report the top `--eval_top` subnets. Defaults as the original: population 512, 20 iterations, 256
+parents, 128 mutations + 128 crossovers, mutate prob 0.3, resolution mutate prob 0.5 (over the superspace's
+whole resolution list). `--tiny` gives a small search (population 32, 5 iterations, 8 + 8 children) unless
+those flags are given. Candidates outside the window are never evaluated (latency prediction is cheap); if no
+random subnet falls in the window after `--max_tries` draws, the run stops with the supernet's latency range.
+
+Outputs per target, under ``<output_dir>/search_subnet/<supernet>/c<c>_d<d>/``: ``history.csv`` (every
+evaluated subnet: index, iteration, subnet, predicted latency, fitness), ``best.json`` (the best subnet;
+usable by ``build_from_config`` / ``export_subnet.py --subnet_json``), ``top.csv`` (top subnets with val
+top-1), ``pareto.png`` (accuracy vs latency), ``state.json`` (for ``--resume``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from modules.checkpoint import atomic_write_text
+from modules.cli import add_common_args, run_main, save_run_info, setup_logging
+from modules.subnet_search import (LatencyOracle, SearchSettings, SubnetEvaluator, SubnetSpace, build_eval_batches,
+                                   find_supernet_checkpoint, load_supernet_checkpoint, run_subnet_search,
+                                   sample_in_window)
+
+log = logging.getLogger("search_subnet")
+
+ORIGINAL = dict(population=512, iterations=20, num_mutations=128, num_crossovers=128)
+TINY = dict(population=32, iterations=5, num_mutations=8, num_crossovers=8)
+PLATFORMS = ("ort_int8", "ort_fp32", "tflite_int8", "tflite_fp32", "macs")
+
+
+def _pos_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return v
+
+
+def _pos_float(text: str) -> float:
+    v = float(text)
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    return v
+
+
+def _prob(text: str) -> float:
+    v = float(text)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be in [0, 1]")
+    return v
+
+
+def add_supernet_args(p: argparse.ArgumentParser) -> None:
+    """--supernet / --checkpoint / --quant_mode / --data_dir / --image_size / calibration options."""
+    p.add_argument("--supernet", default=None, help="supernet encoding, e.g. tiny-123450-000000 (default: read "
+                   "from --checkpoint)")
+    p.add_argument("--checkpoint", default=None, help="supernet checkpoint (default: <output_dir>/supernet_training/"
+                   "<supernet>/lsq.pth, or checkpoint.pth with --quant_mode fp32)")
+    p.add_argument("--quant_mode", choices=["lsq", "fp32"], default="lsq",
+                   help="which default checkpoint to load (the mode itself is read from the checkpoint)")
+    p.add_argument("--data_dir", default="./checkpoints/data/digits", help="ImageFolder root with train/ and val/")
+    p.add_argument("--image_size", type=_pos_int, default=None,
+                   help="loader image size (default: the superspace's largest resolution)")
+    p.add_argument("--hflip", action="store_true", help="random horizontal flips in the BN-calibration images")
+    p.add_argument("--num_calib_batches", type=_pos_int, default=20, help="BN calibration batches")
+    p.add_argument("--calib_batch_size", type=_pos_int, default=64)
+    p.add_argument("--batch_size", type=_pos_int, default=64, help="evaluation batch size")
+    p.add_argument("--workers", type=_nonneg_int, default=0)
+    p.add_argument("--holdout_size", type=_pos_int, default=None,
+                   help="train images held out for the fitness (default: min(10000, 20%% of train))")
+    p.add_argument("--data_seed", type=int, default=0, help="seed of the holdout permutation and calibration batches")
+    p.add_argument("--cache_limit_gb", type=float, default=4.0, help="memory for cached (resized) batches")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("search_subnet", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_supernet_args(p)
+    p.add_argument("--latency_predictor", default="ort_int8", help=f"platform: {', '.join(PLATFORMS)}")
+    p.add_argument("--latency_table_dir", default=None, help="latency predictor table dir (predictor default)")
+    p.add_argument("--latency_constraint", type=_pos_float, nargs="+", required=True, help="targets c (ms)")
+    p.add_argument("--latency_delta", type=float, default=5.0, help="window [c - d, c] (ms)")
+    g = p.add_argument_group("evolution (defaults: the original's, or --tiny)")
+    g.add_argument("--population", type=_pos_int, default=None, help="512 (--tiny: 32)")
+    g.add_argument("--iterations", type=_pos_int, default=None, help="20 (--tiny: 5)")
+    g.add_argument("--num_mutations", type=_nonneg_int, default=None, help="128 (--tiny: 8)")
+    g.add_argument("--num_crossovers", type=_nonneg_int, default=None, help="128 (--tiny: 8)")
+    g.add_argument("--parent_ratio", type=_prob, default=0.5)
+    g.add_argument("--mutate_prob", type=_prob, default=0.3)
+    g.add_argument("--resolution_mutate_prob", type=_prob, default=0.5)
+    g.add_argument("--max_crossover_tries", type=_pos_int, default=50)
+    g.add_argument("--max_tries", type=_pos_int, default=5000,
+                   help="draws per new candidate, and random draws to find the window before giving up")
+    g.add_argument("--tiny", action="store_true", help="small search for the demo (see above)")
+    p.add_argument("--eval_top", type=_nonneg_int, default=10, help="evaluate the top N on the val split at the end")
+    p.add_argument("--random_baseline", type=_nonneg_int, default=0,
+                   help="also evaluate N random in-window subnets (holdout and val) for comparison")
+    p.add_argument("--resume", action="store_true", help="continue the searches of state.json")
+    p.add_argument("--fresh", action="store_true", help="discard an existing state.json and start over")
+    p.add_argument("--save_interval", type=float, default=30.0, help="seconds between state saves")
+    p.add_argument("--no_progress", action="store_true")
+    add_common_args(p)
+    return p
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def load_predictor_for(platform: str, superspace: str, table_dir: str | None):
+    try:
+        from modules.latency_predictor import load_predictor
+    except ImportError as e:
+        raise ValueError(f"latency predictor {platform!r}: modules.latency_predictor is not available ({e})") from None
+    return load_predictor(platform, superspace, table_dir)
+
+
+def resolve_checkpoint(args) -> Path:
+    if args.checkpoint:
+        path = Path(args.checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"--checkpoint {path} does not exist")
+        return path
+    if not args.supernet:
+        raise ValueError("give --supernet ENCODING (or --checkpoint PATH)")
+    return find_supernet_checkpoint(args.output_dir, args.supernet, args.quant_mode)
+
+
+def settings_from_args(args) -> SearchSettings:
+    base = TINY if args.tiny else ORIGINAL
+    vals = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in base.items()}
+    return SearchSettings(parent_ratio=args.parent_ratio, mutate_prob=args.mutate_prob,
+                          resolution_mutate_prob=args.resolution_mutate_prob,
+                          max_crossover_tries=args.max_crossover_tries, max_tries=args.max_tries, **vals)
+
+
+def fmt_num(x: float) -> str:
+    return format(x, "g")
+
+
+def target_dir(root: Path, target: float, delta: float) -> Path:
+    return root / f"c{fmt_num(target)}_d{fmt_num(delta)}"
+
+
+def _csv(header, rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def write_outputs(outcome, run_dir: Path, net_info: dict, platform: str, top_rows: list | None) -> dict:
+    evo = outcome.evo
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "history.csv", _csv(
+        ["index", "iteration", "subnet", "latency_ms", "fitness"],
+        [[r.index, r.info["iteration"], r.key, f"{r.info['latency']:.6f}", f"{r.score:.4f}"] for r in evo.history]))
+    best = evo.best()
+    top = evo.best(10)
+    result = {"supernet": net_info["supernet"], "subnet": best.key, "num_classes": net_info["num_classes"],
+              "fitness": best.score, "latency_ms": best.info["latency"], "platform": platform,
+              "target_ms": outcome.target, "delta_ms": outcome.delta, "window_ms": list(outcome.window),
+              "quant_mode": net_info["quant_mode"], "checkpoint": net_info["path"],
+              "evaluated": len(evo.history), "stop_reason": evo.stop_reason,
+              "top": [{"subnet": r.key, "latency_ms": r.info["latency"], "fitness": r.score} for r in top],
+              "trajectory": outcome.trajectory}
+    if top_rows:
+        result["top_val"] = top_rows
+    atomic_write_text(run_dir / "best.json", json.dumps(result, indent=1) + "\n")
+    if top_rows:
+        atomic_write_text(run_dir / "top.csv", _csv(
+            ["rank", "subnet", "latency_ms", "holdout_top1", "val_top1"],
+            [[i + 1, r["subnet"], f"{r['latency_ms']:.6f}", f"{r['fitness']:.4f}", f"{r['val_top1']:.4f}"]
+             for i, r in enumerate(top_rows)]))
+    plot_pareto([outcome], run_dir / "pareto.png", platform)
+    return result
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(latency, acc) points not dominated (lower latency and higher accuracy), sorted by latency."""
+    front, best = [], -float("inf")
+    for lat, acc in sorted(points, key=lambda p: (p[0], -p[1])):
+        if acc > best:
+            front.append((lat, acc))
+            best = acc
+    return front
+
+
+def plot_pareto(outcomes: list, path: Path, platform: str, baselines: dict | None = None) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, oc in enumerate(outcomes):
+        hist = oc.evo.history
+        lat = [r.info["latency"] for r in hist]
+        acc = [r.score for r in hist]
+        it = [r.info["iteration"] for r in hist]
+        sc = ax.scatter(lat, acc, c=it, cmap="viridis", s=10, alpha=0.6,
+                        label="evaluated subnets" if i == 0 else None)
+        front = pareto_front(list(zip(lat, acc)))
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="C1", lw=1,
+                label="Pareto front" if i == 0 else None)
+        b = oc.evo.best()
+        ax.scatter([b.info["latency"]], [b.score], marker="*", s=180, color="C3", edgecolor="k", zorder=5,
+                   label="best" if i == 0 else None)
+        lo, hi = oc.window
+        ax.axvspan(lo, hi, color="grey", alpha=0.08)
+        ax.axvline(hi, color="grey", ls="--", lw=0.8)
+        if baselines and oc.target in baselines:
+            bl = baselines[oc.target]
+            ax.scatter([r["latency_ms"] for r in bl], [r["fitness"] for r in bl], marker="x", color="k", s=20,
+                       label="random in window" if i == 0 else None)
+    if outcomes and len(outcomes[0].evo.history) > 1:
+        fig.colorbar(sc, ax=ax, label="iteration")
+    ax.set_xlabel(f"predicted latency (ms, {platform})")
+    ax.set_ylabel("held-out top-1 (%)")
+    ax.set_title("subnet search: accuracy vs latency")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(args, predictor=None) -> dict:
+    from modules.data import prepare_default_data
+
+    t_start = time.perf_counter()
+    settings = settings_from_args(args)
+    settings.check()
+    if args.latency_delta < 0:
+        raise ValueError(f"--latency_delta {args.latency_delta} must be >= 0")
+    if args.resume and args.fresh:
+        raise ValueError("--resume and --fresh exclude each other")
+    torch.manual_seed(args.seed)
+    ckpt_path = resolve_checkpoint(args)
+    net, net_info = load_supernet_checkpoint(ckpt_path, args.supernet, args.device, log=log.warning)
+    encoding = net_info["supernet"]
+    root = Path(args.output_dir) / "search_subnet" / encoding
+    root.mkdir(parents=True, exist_ok=True)
+    setup_logging(root, "search_subnet")
+    save_run_info(args, root)
+    log.info("supernet %s from %s (%s%s, %d classes)", encoding, ckpt_path, net_info["quant_mode"],
+             f"/{net_info['quant_preset']}" if net_info["quant_preset"] else "", net_info["num_classes"])
+    if predictor is None:
+        predictor = load_predictor_for(args.latency_predictor, net.space.name, args.latency_table_dir)
+    space = SubnetSpace(net.choice, net.hw_list)
+    lat = LatencyOracle(net, predictor)
+
+    data_dir = prepare_default_data(args.data_dir, size=max(space.hw_list))
+    image_size = args.image_size or max(space.hw_list)
+    t0 = time.perf_counter()
+    calib, holdout, data_info = build_eval_batches(
+        data_dir, image_size, split="holdout", holdout_size=args.holdout_size, num_calib_batches=args.num_calib_batches,
+        calib_batch_size=args.calib_batch_size, batch_size=args.batch_size, seed=args.data_seed, workers=args.workers,
+        hflip=args.hflip, cache_limit_gb=args.cache_limit_gb, log=log.warning)
+    log.info("fitness data: %d held-out train images, %d BN-calibration images (%.1f s)",
+             data_info["eval_images"], data_info["calib_images"], time.perf_counter() - t0)
+    evaluator = SubnetEvaluator(net, calib, holdout, args.device, args.cache_limit_gb)
+    val_evaluator = None
+
+    def val_eval():
+        nonlocal val_evaluator
+        if val_evaluator is None:
+            _, val, _ = build_eval_batches(
+                data_dir, image_size, split="val", holdout_size=data_info["holdout_size"], num_calib_batches=1,
+                calib_batch_size=args.calib_batch_size, batch_size=args.batch_size, seed=args.data_seed,
+                workers=args.workers, cache_limit_gb=args.cache_limit_gb, log=log.warning)
+            val_evaluator = SubnetEvaluator(net, calib, val, args.device, args.cache_limit_gb)
+        return val_evaluator
+
+    data_config = {"checkpoint": str(Path(ckpt_path).resolve()), "data_dir": str(Path(data_dir).resolve()),
+                   "image_size": image_size, "holdout_size": data_info["holdout_size"],
+                   "num_calib_batches": args.num_calib_batches, "calib_batch_size": args.calib_batch_size,
+                   "data_seed": args.data_seed}
+    fitness_cache: dict[str, float] = {}
+    results, outcomes, baselines = {}, [], {}
+    for target in args.latency_constraint:
+        run_dir = target_dir(root, target, args.latency_delta)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        state = run_dir / "state.json"
+        if args.fresh and state.exists():
+            state.unlink()
+        log.info("target %g ms, window [%g, %g] ms (%s): population %d, %d iterations, %d parents, %d mutations + "
+                 "%d crossovers", target, target - args.latency_delta, target, args.latency_predictor,
+                 settings.population, settings.iterations, settings.parent_size, settings.num_mutations,
+                 settings.num_crossovers)
+        t0 = time.perf_counter()
+        n_eval0 = evaluator.num_evaluations
+        outcome = run_subnet_search(
+            space, lat, evaluator, target, args.latency_delta, settings, seed=args.seed, state_path=state,
+            resume=args.resume, save_interval=args.save_interval, progress=not args.no_progress,
+            config=data_config, platform=args.latency_predictor, fitness_cache=fitness_cache, log=log.info)
+        dt = time.perf_counter() - t0
+        n_eval = evaluator.num_evaluations - n_eval0
+        best = outcome.evo.best()
+        log.info("target %g ms: %d subnets in the history (%d evaluated now, %.2f s each), best %.2f %% at %.4g ms: "
+                 "%s", target, len(outcome.evo.history), n_eval, dt / max(1, n_eval), best.score,
+                 best.info["latency"], best.key)
+        if outcome.evo.stop_reason:
+            log.warning("target %g ms: search stopped early: %s", target, outcome.evo.stop_reason)
+        top_rows = []
+        if args.eval_top:
+            ve = val_eval()
+            for r in outcome.evo.best(args.eval_top):
+                top_rows.append({"subnet": r.key, "latency_ms": r.info["latency"], "fitness": r.score,
+                                 "val_top1": ve(r.key)})
+            log.info("top %d on val: best subnet %.2f %%", len(top_rows), top_rows[0]["val_top1"])
+        if args.random_baseline:
+            rng = random.Random(args.seed + 104729)
+            cfgs = sample_in_window(space, lat, target - args.latency_delta, target, rng, args.random_baseline,
+                                    args.max_tries * args.random_baseline)
+            rows = []
+            for cfg in cfgs:
+                key = str(cfg)
+                acc = fitness_cache.get(key)
+                if acc is None:
+                    acc = fitness_cache[key] = evaluator(cfg)
+                rows.append({"subnet": key, "latency_ms": lat(cfg), "fitness": acc, "val_top1": val_eval()(key)})
+            baselines[target] = rows
+            atomic_write_text(run_dir / "random_baseline.csv", _csv(
+                ["subnet", "latency_ms", "holdout_top1", "val_top1"],
+                [[r["subnet"], f"{r['latency_ms']:.6f}", f"{r['fitness']:.4f}", f"{r['val_top1']:.4f}"]
+                 for r in rows]))
+            med = sorted(r["val_top1"] for r in rows)[len(rows) // 2] if rows else float("nan")
+            log.info("random baseline: %d in-window subnets, median val top-1 %.2f %%", len(rows), med)
+        res = write_outputs(outcome, run_dir, net_info, args.latency_predictor, top_rows)
+        if args.random_baseline:
+            res["random_baseline_val_median"] = med
+            atomic_write_text(run_dir / "best.json", json.dumps(res, indent=1) + "\n")
+            plot_pareto([outcome], run_dir / "pareto.png", args.latency_predictor, baselines)
+        results[target] = res
+        outcomes.append(outcome)
+        log.info("outputs in %s", run_dir)
+    if len(outcomes) > 1:
+        plot_pareto(outcomes, root / "pareto.png", args.latency_predictor, baselines)
+    log.info("done in %.1f s", time.perf_counter() - t_start)
+    return results
+
+
+if __name__ == "__main__":
+    run_main(main, get_args_parser())
