@@ -65,6 +65,7 @@ class Evolution:
         self.by_key: dict[str, Record] = {}
         self.cache: dict[str, Record] = {}  # evaluated after the restored boundary (resume replay)
         self.driver_state: dict | None = None
+        self._best: Record | None = None
         self.stop_reason: str | None = None
         self.show_progress = progress
         self._pbar = None
@@ -99,17 +100,21 @@ class Evolution:
         rec.index, rec.cand = len(self.history), cand
         self.history.append(rec)
         self.by_key[key] = rec
+        if self._best is None or rec.score > self._best.score:
+            self._best = rec
         if self._pbar is not None:
             self._pbar.update(1)
-            self._pbar.set_postfix(best=f"{self.best().score:.4f}", refresh=False)
+            self._pbar.set_postfix(best=f"{self._best.score:.4f}", refresh=False)
         if self.state_path and time.monotonic() - self._last_save > self.save_interval:
             self.save()
         return rec
 
     def best(self, n: int | None = None):
         """The best record (n None) or the n best, by score then evaluation order."""
+        if n is None:
+            return self._best
         ranked = sorted(self.history, key=lambda r: (-r.score, r.index))
-        return ranked[0] if n is None else ranked[:n]
+        return ranked[:n]
 
     def tournament(self, population: list[Record], size: int) -> Record:
         """Best of `size` distinct members drawn uniformly from the population."""
@@ -173,6 +178,7 @@ class Evolution:
             self.history.append(r)
             self.by_key[r.key] = r
         self.cache = {r.key: r for r in records[b["n_history"]:]}
+        self._best = max(self.history, key=lambda r: r.score, default=None)  # the earliest of ties
         self.rng.setstate(_rng_from_json(b["rng"]))
         self.driver_state = copy.deepcopy(b["driver"])
         self._boundary = dict(copy.deepcopy(b), rng=self.rng.getstate())
