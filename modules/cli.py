@@ -67,9 +67,10 @@ def _add_config_arg(parser: argparse.ArgumentParser) -> None:
                             help="YAML file whose keys set this script's defaults; flags override it")
 
 
-def _config_path(argv: Sequence[str]) -> str | None:
+def _config_path(parser: argparse.ArgumentParser, argv: Sequence[str]) -> str | None:
+    flags = parser._option_string_actions["--config"].option_strings
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("-c", "--config", dest="config", default=None)
+    pre.add_argument(*flags, dest="config", default=None)
     known, _ = pre.parse_known_args(list(argv))
     return known.config
 
@@ -172,7 +173,7 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] 
     """
     _add_config_arg(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
-    config = _config_path(argv)
+    config = _config_path(parser, argv)
     if config is not None:
         data = _load_yaml_mapping(config)
         actions: dict[str, argparse.Action] = {}
