@@ -109,21 +109,28 @@ def _comm_device() -> torch.device:
 
 
 def all_reduce_mean(value: torch.Tensor | float | int) -> torch.Tensor | float:
-    """Mean of ``value`` over all ranks (a new tensor; a float for a python number). Identity without a group."""
+    """Mean over all ranks. A floating-point tensor is averaged IN PLACE and returned (so
+    ``all_reduce_mean(bn.running_mean)`` syncs BN statistics); a python number gives a float.
+    Identity without a process group."""
+    if isinstance(value, torch.Tensor) and not value.is_floating_point():
+        raise ValueError(f"all_reduce_mean needs a floating-point tensor, got {value.dtype}; "
+                         "use all_reduce_sum for counts")
     if not is_dist_avail_and_initialized():
         return value if isinstance(value, torch.Tensor) else float(value)
     if isinstance(value, torch.Tensor):
-        t = value.detach().to(_comm_device(), dtype=torch.float64 if not value.is_floating_point() else value.dtype,
-                              copy=True)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return (t / get_world_size()).to(value.device)
+        with torch.no_grad():
+            t = value.detach().to(_comm_device(), copy=True)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            value.copy_(t / get_world_size())
+        return value
     t = torch.tensor(float(value), dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t.item() / get_world_size())
 
 
 def all_reduce_sum(value: torch.Tensor | float | int) -> torch.Tensor | float:
-    """Sum of ``value`` over all ranks (e.g. correct / total counts). Identity without a group."""
+    """Sum over all ranks (e.g. correct / total counts): a new tensor (not in place), or a float for a number.
+    Identity without a process group."""
     if not is_dist_avail_and_initialized():
         return value if isinstance(value, torch.Tensor) else float(value)
     if isinstance(value, torch.Tensor):

@@ -127,6 +127,8 @@ def test_dist_helpers_without_process_group():
     assert (info.rank, info.world_size, info.distributed) == (0, 1, False)
     assert dist.get_rank() == 0 and dist.get_world_size() == 1 and dist.is_main_process()
     assert dist.all_reduce_mean(3) == 3.0 and torch.equal(dist.all_reduce_mean(torch.ones(2)), torch.ones(2))
+    with pytest.raises(ValueError, match="floating-point"):
+        dist.all_reduce_mean(torch.ones(2, dtype=torch.long))
     assert dist.broadcast_object({"a": 1}) == {"a": 1} and dist.save_on_master(lambda x: x + 1, 1) == 2
     dist.barrier()
 
@@ -143,6 +145,9 @@ set_loader_epoch(loader, 1)
 seen = [int(v) for (b,) in loader for v in b]
 out = dict(rank=info.rank, world=info.world_size, seen=seen,
            mean=dist.all_reduce_mean(float(info.rank)), obj=dist.broadcast_object(info.rank))
+t = torch.full((2,), float(info.rank))
+out["inplace"] = dist.all_reduce_mean(t) is t and t.tolist() == [0.5, 0.5]
+out["sum"] = dist.all_reduce_sum(torch.tensor([info.rank + 1])).tolist()
 print("RESULT " + json.dumps(out), flush=True)
 dist.destroy_distributed()
 """
@@ -163,6 +168,6 @@ def test_distributed_loader_two_ranks(tmp_path):
     results = sorted((json.loads(line.split(" ", 1)[1]) for line in out.stdout.splitlines()
                       if line.startswith("RESULT ")), key=lambda r: r["rank"])
     assert [r["rank"] for r in results] == [0, 1] and all(r["world"] == 2 for r in results)
-    assert all(r["mean"] == 0.5 and r["obj"] == 0 for r in results)
+    assert all(r["mean"] == 0.5 and r["obj"] == 0 and r["inplace"] and r["sum"] == [3] for r in results)
     a, b = results[0]["seen"], results[1]["seen"]
     assert len(a) == len(b) == 10 and sorted(a + b) == list(range(20))
