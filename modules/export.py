@@ -401,6 +401,48 @@ def _import_litert_torch():
     return litert_torch
 
 
+def _materialize_constant_weights(gm):
+    """In a ``torch.export`` graph, replace every value computed from parameters/buffers alone (e.g. an
+    elastic op's ``weight[:out, :in]`` slice) by a new frozen Parameter. PT2E's conv/BN folding and the
+    quantizer's weight observers need convolution weights to be ``get_attr`` nodes, and fail with
+    "Expected get_attr node, got call_function" otherwise. (torchao's ``constant_fold`` registers plain
+    attributes, which then collide with PT2E's BN folding.)"""
+    from torch.fx.node import map_arg
+
+    def attr(target):
+        obj = gm
+        for a in target.split("."):
+            obj = getattr(obj, a)
+        return obj
+
+    g = gm.graph
+    const, env = set(), {}
+    for n in g.nodes:
+        if n.op == "get_attr":
+            const.add(n)
+            env[n] = attr(n.target)
+        elif n.op == "call_function" and n.all_input_nodes and all(i in const for i in n.all_input_nodes):
+            const.add(n)
+            env[n] = n.target(*map_arg(n.args, env.__getitem__), **map_arg(n.kwargs, env.__getitem__))
+    k = 0
+    for n in list(g.nodes):
+        if n.op != "call_function" or n not in const or not isinstance(env[n], torch.Tensor):
+            continue
+        if all(u in const for u in n.users):
+            continue  # only materialise the boundary between constant and data-dependent nodes
+        name = f"_materialized_const_{k}"
+        k += 1
+        gm.register_parameter(name, nn.Parameter(env[n].detach().clone(), requires_grad=False))
+        with g.inserting_before(n):
+            new = g.get_attr(name)
+        new.meta = dict(n.meta)
+        n.replace_all_uses_with(new)
+    if k:
+        g.eliminate_dead_code()
+        gm.recompile()
+    return gm
+
+
 def export_tflite(model: nn.Module, resolution, path: str | os.PathLike, int8: bool = False,
                   calib: Iterable | None = None, per_channel: bool = True, num_random_calib: int = 32,
                   seed: int = 0, in_channels: int = 3) -> str:
@@ -411,7 +453,9 @@ def export_tflite(model: nn.Module, resolution, path: str | os.PathLike, int8: b
     by default) → calibration on `calib` (same forms as :func:`quantize_onnx_int8`; None: random,
     with a :class:`RandomCalibrationWarning`) → ``convert_pt2e`` → ``litert_torch.convert`` with the
     static ``quant_config`` (without it the file keeps float convs between Q/DQ pairs and runs ~7x
-    slower). The int8 file has int8 input/output tensors; :func:`modules.benchmark.run_tflite`
+    slower). Weights computed from parameters (sliced elastic weights) are frozen into parameters
+    first. litert-torch's quantizer annotates conv(+relu/relu6), linear, add, max/avg pooling only:
+    hardswish, sigmoid, mul (SE gates) and mean stay float between DEQUANTIZE/QUANTIZE ops. The int8 file has int8 input/output tensors; :func:`modules.benchmark.run_tflite`
     (de)quantizes with the tensors' (scale, zero point). Returns the path.
     """
     litert_torch = _import_litert_torch()
@@ -438,12 +482,14 @@ def export_tflite(model: nn.Module, resolution, path: str | os.PathLike, int8: b
                         raise ValueError("calibration data is empty")
                 quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
                     pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=per_channel))
-                gm = torch.export.export(model, (x,)).module()
+                gm = _materialize_constant_weights(torch.export.export(model, (x,)).module())
                 gm = prepare_pt2e(gm, quantizer)
                 for a in samples:
                     gm(torch.from_numpy(a).to(x.device))
                 gm = convert_pt2e(gm, fold_quantize=False)
-                move_exported_model_to_eval(gm)
+                move_exported_model_to_eval(gm)  # eval variants of dropout / BN ops
+                for sub in gm.modules():  # and the flag litert-torch checks ("converted in training mode")
+                    sub.training = False
                 edge = litert_torch.convert(gm, (x,), quant_config=quant_config.QuantConfig(pt2e_quantizer=quantizer))
         edge.export(str(tmp))
         os.replace(tmp, path)

@@ -40,7 +40,7 @@ def add_model_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_classes", type=int, default=None, help="classifier size (default: the superspace's)")
     p.add_argument("--calib_dir", default=None, help="ImageFolder dir of calibration images (default: random "
                    "data, with a warning)")
-    p.add_argument("--num_calib", type=int, default=64, help="calibration images (default: %(default)s)")
+    p.add_argument("--num_calib", type=int, default=32, help="calibration images (default: %(default)s)")
 
 
 def get_args_parser():
