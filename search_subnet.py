@@ -36,8 +36,9 @@ import torch
 
 from modules.checkpoint import atomic_write_text
 from modules.cli import add_common_args, run_main, save_run_info, setup_logging
-from modules.subnet_search import (LatencyOracle, SearchSettings, SubnetEvaluator, SubnetSpace, build_eval_batches,
-                                   find_supernet_checkpoint, load_supernet_checkpoint, run_subnet_search,
+from modules.subnet_search import (LatencyOracle, SearchSettings, SubnetEvaluator, SubnetSpace, add_supernet_args,
+                                   build_eval_batches, load_predictor_for, load_supernet_checkpoint,
+                                   resolve_checkpoint, resolve_data_args, run_subnet_search,
                                    sample_in_window)
 
 log = logging.getLogger("search_subnet")
@@ -75,28 +76,6 @@ def _prob(text: str) -> float:
     return v
 
 
-def add_supernet_args(p: argparse.ArgumentParser) -> None:
-    """--supernet / --checkpoint / --quant_mode / --data_dir / --image_size / calibration options."""
-    p.add_argument("--supernet", default=None, help="supernet encoding, e.g. tiny-123450-000000 (default: read "
-                   "from --checkpoint)")
-    p.add_argument("--checkpoint", default=None, help="supernet checkpoint (default: <output_dir>/supernet_training/"
-                   "<supernet>/lsq.pth, or checkpoint.pth with --quant_mode fp32)")
-    p.add_argument("--quant_mode", choices=["lsq", "fp32"], default="lsq",
-                   help="which default checkpoint to load (the mode itself is read from the checkpoint)")
-    p.add_argument("--data_dir", default="./checkpoints/data/digits", help="ImageFolder root with train/ and val/")
-    p.add_argument("--image_size", type=_pos_int, default=None,
-                   help="loader image size (default: the superspace's largest resolution)")
-    p.add_argument("--hflip", action="store_true", help="random horizontal flips in the BN-calibration images")
-    p.add_argument("--num_calib_batches", type=_pos_int, default=20, help="BN calibration batches")
-    p.add_argument("--calib_batch_size", type=_pos_int, default=64)
-    p.add_argument("--batch_size", type=_pos_int, default=64, help="evaluation batch size")
-    p.add_argument("--workers", type=_nonneg_int, default=0)
-    p.add_argument("--holdout_size", type=_pos_int, default=None,
-                   help="train images held out for the fitness (default: min(10000, 20%% of train))")
-    p.add_argument("--data_seed", type=int, default=0, help="seed of the holdout permutation and calibration batches")
-    p.add_argument("--cache_limit_gb", type=float, default=4.0, help="memory for cached (resized) batches")
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("search_subnet", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -129,25 +108,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def load_predictor_for(platform: str, superspace: str, table_dir: str | None):
-    try:
-        from modules.latency_predictor import load_predictor
-    except ImportError as e:
-        raise ValueError(f"latency predictor {platform!r}: modules.latency_predictor is not available ({e})") from None
-    return load_predictor(platform, superspace, table_dir)
-
-
-def resolve_checkpoint(args) -> Path:
-    if args.checkpoint:
-        path = Path(args.checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"--checkpoint {path} does not exist")
-        return path
-    if not args.supernet:
-        raise ValueError("give --supernet ENCODING (or --checkpoint PATH)")
-    return find_supernet_checkpoint(args.output_dir, args.supernet, args.quant_mode)
-
-
 def settings_from_args(args) -> SearchSettings:
     base = TINY if args.tiny else ORIGINAL
     vals = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in base.items()}
@@ -172,7 +132,8 @@ def _csv(header, rows) -> str:
     return buf.getvalue()
 
 
-def write_outputs(outcome, run_dir: Path, net_info: dict, platform: str, top_rows: list | None) -> dict:
+def write_outputs(outcome, run_dir: Path, net_info: dict, platform: str, top_rows: list | None,
+                  data: dict | None = None) -> dict:
     evo = outcome.evo
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "history.csv", _csv(
@@ -186,7 +147,7 @@ def write_outputs(outcome, run_dir: Path, net_info: dict, platform: str, top_row
               "quant_mode": net_info["quant_mode"], "checkpoint": net_info["path"],
               "evaluated": len(evo.history), "stop_reason": evo.stop_reason,
               "top": [{"subnet": r.key, "latency_ms": r.info["latency"], "fitness": r.score} for r in top],
-              "trajectory": outcome.trajectory}
+              "trajectory": outcome.trajectory, "data": data or {}}
     if top_rows:
         result["top_val"] = top_rows
     atomic_write_text(run_dir / "best.json", json.dumps(result, indent=1) + "\n")
@@ -255,6 +216,7 @@ def main(args, predictor=None) -> dict:
     t_start = time.perf_counter()
     settings = settings_from_args(args)
     settings.check()
+    resolve_data_args(args)
     if args.latency_delta < 0:
         raise ValueError(f"--latency_delta {args.latency_delta} must be >= 0")
     if args.resume and args.fresh:
@@ -299,7 +261,7 @@ def main(args, predictor=None) -> dict:
     data_config = {"checkpoint": str(Path(ckpt_path).resolve()), "data_dir": str(Path(data_dir).resolve()),
                    "image_size": image_size, "holdout_size": data_info["holdout_size"],
                    "num_calib_batches": args.num_calib_batches, "calib_batch_size": args.calib_batch_size,
-                   "data_seed": args.data_seed}
+                   "data_seed": args.data_seed, "hflip": args.hflip}
     fitness_cache: dict[str, float] = {}
     results, outcomes, baselines = {}, [], {}
     for target in args.latency_constraint:
@@ -351,7 +313,7 @@ def main(args, predictor=None) -> dict:
                  for r in rows]))
             med = sorted(r["val_top1"] for r in rows)[len(rows) // 2] if rows else float("nan")
             log.info("random baseline: %d in-window subnets, median val top-1 %.2f %%", len(rows), med)
-        res = write_outputs(outcome, run_dir, net_info, args.latency_predictor, top_rows)
+        res = write_outputs(outcome, run_dir, net_info, args.latency_predictor, top_rows, data_config)
         if args.random_baseline:
             res["random_baseline_val_median"] = med
             atomic_write_text(run_dir / "best.json", json.dumps(res, indent=1) + "\n")

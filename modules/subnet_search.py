@@ -20,6 +20,8 @@ The pieces `search_subnet.py`, `eval_supernet.py`, `export_subnet.py` and `downs
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import os
 import random
@@ -130,6 +132,28 @@ class SubnetSpace:
         return SubnetConfig.from_stages(stages, rng.choice((a.resolution, b.resolution)))
 
 
+def resolve_subnet(space: SubnetSpace, text: str) -> SubnetConfig:
+    """"max", "min", a subnet encoding, or a JSON file with a "subnet" key (e.g. search_subnet's best.json,
+    whose "supernet" must then be this supernet)."""
+    text = str(text).strip()
+    if text in ("max", "min"):
+        return space.extreme(text == "max")
+    if text.endswith(".json"):
+        path = Path(text)
+        if not path.is_file():
+            raise FileNotFoundError(f"subnet JSON {path} does not exist")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict) or "subnet" not in d:
+            raise ValueError(f"{path}: expected a JSON object with a 'subnet' key")
+        if d.get("supernet") not in (None, str(space.choice)):
+            raise ValueError(f"{path}: subnet of supernet {d['supernet']}, not of {space.choice}")
+        return space.decode(d["subnet"])
+    return space.decode(text)
+
+
 # ------------------------------------------------------------------------------------------ latency
 class LatencyOracle:
     """Predicted latency (ms) of subnets of `net`, cached by encoding. `predictor.predict_subnet(net)` is called
@@ -151,6 +175,15 @@ class LatencyOracle:
                 raise ValueError(f"latency predictor returned {lat} for subnet {key}")
             self.cache[key] = lat
         return lat
+
+
+def load_predictor_for(platform: str, superspace: str, table_dir: str | None = None):
+    """`modules.latency_predictor.load_predictor`, with a clear error while that module is missing."""
+    try:
+        from modules.latency_predictor import load_predictor
+    except ImportError as e:
+        raise ValueError(f"latency predictor {platform!r}: modules.latency_predictor is not available ({e})") from None
+    return load_predictor(platform, superspace, table_dir)
 
 
 def latency_range(space: SubnetSpace, lat: LatencyOracle, rng: random.Random, samples: int = 200) -> dict:
@@ -177,39 +210,52 @@ def sample_in_window(space: SubnetSpace, lat: LatencyOracle, lo: float, hi: floa
 
 
 # ------------------------------------------------------------------------------------------ fitness data
-def build_eval_batches(data_dir: str | os.PathLike, image_size: int, *, split: str = "holdout",
-                       holdout_size: int | None = None, num_calib_batches: int = 20, calib_batch_size: int = 64,
-                       batch_size: int = 64, seed: int = 0, workers: int = 0, hflip: bool = False,
-                       max_eval_images: int | None = None, cache_limit_gb: float = 4.0, log: Callable = print):
-    """(calib, val, info): `calib` a fixed list of `num_calib_batches` augmented training image tensors for BN
-    calibration, `val` the evaluation batches [(images, labels)] — the held-out part of train (`split`
-    "holdout", fixed-seed permutation of `modules.data.split_holdout`) or the val split ("val").
-
-    BN calibration images come from the train images *not* in the holdout. Everything is loaded once into
-    memory; a `val` larger than `cache_limit_gb` stays a DataLoader (re-read per evaluation)."""
-    from torch.utils.data import Subset
-
+def build_calib_batches(data_dir: str | os.PathLike, image_size: int, *, holdout_size: int | None = None,
+                        num_calib_batches: int = 20, calib_batch_size: int = 64, seed: int = 0, workers: int = 0,
+                        hflip: bool = False):
+    """(calib, holdout, info): a fixed list of `num_calib_batches` augmented train image tensors for BN
+    calibration, drawn (seeded) from the train images *not* held out, and the held-out train subset (eval
+    transforms; the fixed-seed permutation of `modules.data.split_holdout`)."""
     from modules.data import build_dataset, build_loader, calib_batches, split_holdout
 
-    if split not in ("holdout", "val"):
-        raise ValueError(f"evaluation split {split!r}: expected 'holdout' or 'val'")
     train_aug = build_dataset(data_dir, "train", train=True, image_size=image_size, hflip=hflip)
     n_train = len(train_aug)
     if holdout_size is None:
         holdout_size = min(10_000, max(1, n_train // 5))
     train_eval = build_dataset(data_dir, "train", train=False, image_size=image_size)
     calib_src, holdout = split_holdout(train_aug, holdout_size, seed=seed, holdout_dataset=train_eval)
-    eval_ds = holdout if split == "holdout" else build_dataset(data_dir, "val", train=False, image_size=image_size)
-    if max_eval_images is not None and max_eval_images < len(eval_ds):
-        eval_ds = Subset(eval_ds, list(range(int(max_eval_images))))
-    # fixed calibration batches: seeded shuffling and augmentation, drawn once
     g_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # seeded augmentation; the batches are drawn once and kept
     try:
         loader = build_loader(calib_src, calib_batch_size, train=True, workers=workers, seed=seed)
         calib = [b[0] for b in calib_batches(loader, num_calib_batches)]
     finally:
         torch.random.set_rng_state(g_state)
+    info = {"calib_images": sum(len(x) for x in calib), "holdout_size": holdout_size, "train_images": n_train}
+    return calib, holdout, info
+
+
+def build_eval_batches(data_dir: str | os.PathLike, image_size: int, *, split: str = "holdout",
+                       holdout_size: int | None = None, num_calib_batches: int = 20, calib_batch_size: int = 64,
+                       batch_size: int = 64, seed: int = 0, workers: int = 0, hflip: bool = False,
+                       max_eval_images: int | None = None, cache_limit_gb: float = 4.0, log: Callable = print):
+    """(calib, val, info): `calib` from `build_calib_batches`, `val` the evaluation batches [(images, labels)]:
+    the held-out part of train (`split` "holdout") or the val split ("val").
+
+    Everything is loaded once into memory; an evaluation set larger than `cache_limit_gb` stays a DataLoader
+    (re-read per evaluation)."""
+    from torch.utils.data import Subset
+
+    from modules.data import build_dataset, build_loader
+
+    if split not in ("holdout", "val"):
+        raise ValueError(f"evaluation split {split!r}: expected 'holdout' or 'val'")
+    calib, holdout, info = build_calib_batches(
+        data_dir, image_size, holdout_size=holdout_size, num_calib_batches=num_calib_batches,
+        calib_batch_size=calib_batch_size, seed=seed, workers=workers, hflip=hflip)
+    eval_ds = holdout if split == "holdout" else build_dataset(data_dir, "val", train=False, image_size=image_size)
+    if max_eval_images is not None and max_eval_images < len(eval_ds):
+        eval_ds = Subset(eval_ds, list(range(int(max_eval_images))))
     val_loader = build_loader(eval_ds, batch_size, train=False, workers=workers)
     nbytes = len(eval_ds) * 3 * image_size * image_size * 4
     if nbytes <= cache_limit_gb * 2**30:
@@ -219,8 +265,7 @@ def build_eval_batches(data_dir: str | os.PathLike, image_size: int, *, split: s
         log(f"evaluation set of {len(eval_ds)} images ({nbytes / 2**30:.1f} GB) exceeds --cache_limit_gb "
             f"{cache_limit_gb}: it is re-read for every evaluation")
         val, cached = val_loader, False
-    info = {"split": split, "eval_images": len(eval_ds), "calib_images": sum(len(x) for x in calib),
-            "holdout_size": holdout_size, "train_images": n_train, "eval_cached": cached}
+    info.update({"split": split, "eval_images": len(eval_ds), "eval_cached": cached})
     return calib, val, info
 
 
@@ -237,11 +282,16 @@ class SubnetEvaluator:
     def __init__(self, net: nn.Module, calib: list, val: Iterable, device="cpu", cache_limit_gb: float = 4.0):
         if not calib:
             raise ValueError("BN calibration needs at least one batch")
+        from modules.lsq import quantizers
+
         self.net, self.calib, self.val, self.device = net, calib, val, torch.device(device)
         self.cache_limit = cache_limit_gb * 2**30
         self._resized: dict[int, tuple] = {}
         self._bytes = 0
         self.num_evaluations = 0
+        # LSQ+ quantizers the checkpoint never initialised are set from the first batch they see; they are reset
+        # after every evaluation so that a subnet's fitness does not depend on the evaluation order (resume)
+        self._uninit = [q for q in quantizers(net) if q.enabled and not bool(q.initialized)]
 
     def _data(self, resolution: int):
         if resolution in self._resized:
@@ -264,9 +314,13 @@ class SubnetEvaluator:
         self.net.set_active_subnet(cfg)
         res = self.net.active_resolution
         calib, val = self._data(res)
-        calibrate_bn(self.net, calib, len(calib), self.device)
-        self.num_evaluations += 1
-        return evaluate_top1(self.net, val, self.device)
+        try:
+            calibrate_bn(self.net, calib, len(calib), self.device)
+            self.num_evaluations += 1
+            return evaluate_top1(self.net, val, self.device)
+        finally:
+            for q in self._uninit:
+                q.initialized.fill_(False)
 
 
 # ------------------------------------------------------------------------------------------ search
@@ -498,6 +552,74 @@ def load_supernet_checkpoint(path: str | os.PathLike, encoding: str | None = Non
     return net, info
 
 
+def _pos_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return v
+
+
+def add_supernet_args(p: argparse.ArgumentParser) -> None:
+    """--supernet / --checkpoint / --quant_mode / --data_dir / --image_size / calibration options."""
+    p.add_argument("--supernet", default=None, help="supernet encoding, e.g. tiny-123450-000000 (default: read "
+                   "from --checkpoint)")
+    p.add_argument("--checkpoint", default=None, help="supernet checkpoint (default: <output_dir>/supernet_training/"
+                   "<supernet>/lsq.pth, or checkpoint.pth with --quant_mode fp32)")
+    p.add_argument("--quant_mode", choices=["lsq", "fp32"], default="lsq",
+                   help="which default checkpoint to load (the mode itself is read from the checkpoint)")
+    p.add_argument("--data_dir", default="./checkpoints/data/digits", help="ImageFolder root with train/ and val/")
+    p.add_argument("--image_size", type=_pos_int, default=None,
+                   help="loader image size (default: the superspace's largest resolution)")
+    p.add_argument("--hflip", action="store_true", help="random horizontal flips in the BN-calibration images")
+    p.add_argument("--num_calib_batches", type=_pos_int, default=None,
+                   help=f"BN calibration batches (default {DATA_DEFAULTS['num_calib_batches']})")
+    p.add_argument("--calib_batch_size", type=_pos_int, default=None,
+                   help=f"(default {DATA_DEFAULTS['calib_batch_size']})")
+    p.add_argument("--batch_size", type=_pos_int, default=64, help="evaluation batch size")
+    p.add_argument("--workers", type=_nonneg_int, default=0)
+    p.add_argument("--holdout_size", type=_pos_int, default=None,
+                   help="train images held out for the search fitness; BN calibration never uses them "
+                        "(default: min(10000, 20%% of train))")
+    p.add_argument("--data_seed", type=int, default=None,
+                   help="seed of the holdout permutation and of the calibration batches (default 0)")
+    p.add_argument("--cache_limit_gb", type=float, default=4.0, help="memory for cached (resized) batches")
+
+
+DATA_DEFAULTS = {"num_calib_batches": 20, "calib_batch_size": 64, "holdout_size": None, "data_seed": 0}
+
+
+def resolve_data_args(args, saved: dict | None = None) -> dict:
+    """The BN-calibration data settings: flags given on the command line, else those `saved` with a search
+    result (so an exported subnet gets exactly the BN statistics its search fitness used), else defaults.
+    Also sets them on `args`."""
+    out = {}
+    for k, default in DATA_DEFAULTS.items():
+        v = getattr(args, k, None)
+        if v is None and saved:
+            v = saved.get(k)
+        out[k] = default if v is None else v
+        setattr(args, k, out[k])
+    return out
+
+
+def resolve_checkpoint(args) -> Path:
+    if args.checkpoint:
+        path = Path(args.checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"--checkpoint {path} does not exist")
+        return path
+    if not args.supernet:
+        raise ValueError("give --supernet ENCODING (or --checkpoint PATH)")
+    return find_supernet_checkpoint(args.output_dir, args.supernet, args.quant_mode)
+
+
 # ------------------------------------------------------------------------------------------ subnet checkpoints
 def save_subnet_checkpoint(subnet: nn.Module, path: str | os.PathLike, **extra) -> Path:
     """Write a standalone subnet (a static `SuperNet`, e.g. from `get_active_subnet`) atomically."""
@@ -514,11 +636,12 @@ def save_subnet_checkpoint(subnet: nn.Module, path: str | os.PathLike, **extra) 
 
 
 def load_subnet_checkpoint(path: str | os.PathLike, device="cpu", num_classes: int | None = None,
-                           return_ckpt: bool = False):
+                           new_head: bool = False, return_ckpt: bool = False):
     """The standalone subnet of a `save_subnet_checkpoint` file (eval mode, `.resolution` set): built with
     `build_from_config`, switched to LSQ+ if it was, loaded strictly (weights_only=True).
 
-    `num_classes` other than the saved one gives a fresh head (for fine-tuning); every other weight must match.
+    `num_classes` other than the saved one, or `new_head`, gives a freshly initialised head (weights, bias, weight
+    quantizer; same quant mode as the body) for fine-tuning; every other weight must match.
     With `return_ckpt`, returns (model, checkpoint dict)."""
     from modules.checkpoint import load_checkpoint, load_state_dict_strict
     from modules.lsq import set_quant_mode
@@ -531,8 +654,8 @@ def load_subnet_checkpoint(path: str | os.PathLike, device="cpu", num_classes: i
                          "export_subnet.py)")
     config = dict(ckpt["config"])
     saved_classes = config.get("num_classes")
-    new_head = num_classes is not None and num_classes != saved_classes
-    if new_head:
+    new_head = new_head or (num_classes is not None and num_classes != saved_classes)
+    if num_classes is not None:
         config["num_classes"] = int(num_classes)
     try:
         model = build_from_config(config)

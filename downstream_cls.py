@@ -1,0 +1,240 @@
+"""Fine-tune an exported subnet on any ImageFolder dataset with a new classification head (spec §10.4).
+
+Example (the demo's exported subnet, on the digits set, LSQ+ like the checkpoint)::
+
+    python export_subnet.py --supernet tiny-123450-000000 --subnet best.json --output sub.pth
+    python downstream_cls.py --subnet_ckpt sub.pth --data_dir my_dataset --epochs 30 --lr 0.0125
+    python downstream_cls.py ... --resume          # continue a stopped run
+
+The dataset is ``<data_dir>/train/<class>/*`` and ``<data_dir>/<val_split>/<class>/*``. The new head is the
+same elastic linear layer as the body's (a QLinear-compatible `DynamicLinear`) and runs in the same quant mode
+as the body: LSQ+ fake-quant when the checkpoint is LSQ+ (the original left the head fp32), unless
+`--quant_mode` says otherwise. Recipe of the original: SGD Nesterov momentum 0.9, weight decay 1e-5 on
+conv/linear weights only, linear warm-up of 2 epochs then linear decay, label smoothing 0.1, gradient clipping
+at norm 1.0, batch 128, 200 epochs; `--only_train_head` freezes the body.
+
+Outputs in ``<output_dir>/downstream_cls/<name>/``: ``log.csv`` (per epoch: lr, train loss, train top-1, val
+top-1, seconds), ``checkpoint.pth`` (resume), ``best.pth`` and ``final.pth`` (subnet checkpoints with the new
+head, loadable by `modules.subnet_search.load_subnet_checkpoint`).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from modules.checkpoint import (atomic_save, atomic_write_text, build_checkpoint, load_checkpoint,
+                                load_state_dict_strict, set_rng_state, to_plain)
+from modules.cli import add_common_args, run_main, save_run_info, setup_logging
+
+log = logging.getLogger("downstream_cls")
+LOG_HEADER = ["epoch", "lr", "train_loss", "train_top1", "val_top1", "seconds"]
+
+
+def _pos_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return v
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("downstream_cls", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--subnet_ckpt", required=True, help="subnet checkpoint written by export_subnet.py")
+    p.add_argument("--data_dir", required=True, help="ImageFolder root with train/ and the --val_split folder")
+    p.add_argument("--val_split", default="val")
+    p.add_argument("--name", default=None, help="run name (default: <subnet_ckpt stem>_<data_dir name>)")
+    p.add_argument("--quant_mode", choices=["auto", "fp32", "lsq"], default="auto",
+                   help="auto: the checkpoint's mode; lsq on an fp32 checkpoint initialises the LSQ+ scales from data")
+    p.add_argument("--quant_preset", choices=["original", "ort", "tflite"], default=None,
+                   help="LSQ+ preset when switching an fp32 checkpoint to lsq (default ort)")
+    p.add_argument("--epochs", type=_pos_int, default=200)
+    p.add_argument("--batch_size", type=_pos_int, default=128)
+    p.add_argument("--lr", type=float, default=0.0125)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight_decay", type=float, default=1e-5)
+    p.add_argument("--warmup_epochs", type=float, default=2.0)
+    p.add_argument("--label_smoothing", type=float, default=0.1)
+    p.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--only_train_head", action="store_true", help="freeze the body (BN statistics too)")
+    p.add_argument("--image_size", type=_pos_int, default=None, help="loader image size (default: the subnet's "
+                   "resolution)")
+    p.add_argument("--hflip", action="store_true", help="random horizontal flips (natural images)")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--steps_per_epoch", type=_pos_int, default=None, help="cap the steps per epoch (quick runs)")
+    p.add_argument("--max_eval_batches", type=_pos_int, default=None, help="cap the val batches per evaluation")
+    p.add_argument("--resume", action="store_true", help="continue from <run dir>/checkpoint.pth")
+    p.add_argument("--fresh", action="store_true", help="discard an existing checkpoint of this run")
+    add_common_args(p)
+    return p
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up from 0 to 1 over `warmup` steps, then linear decay to 0 at `total` (the original)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def build_model(args, num_classes: int):
+    """(model with a new head, quant mode, preset, source checkpoint dict)."""
+    from modules.lsq import get_quant_mode, quantizers, set_quant_mode
+    from modules.subnet_search import load_subnet_checkpoint
+
+    model, ckpt = load_subnet_checkpoint(args.subnet_ckpt, num_classes=num_classes, new_head=True, return_ckpt=True)
+    mode = get_quant_mode(model)
+    if args.quant_mode != "auto" and args.quant_mode != mode:
+        if args.quant_mode == "lsq":
+            set_quant_mode(model, "lsq", args.quant_preset or "ort")
+            log.info("switched the fp32 subnet to LSQ+ (%s); scales are initialised from the first batch",
+                     args.quant_preset or "ort")
+        else:
+            set_quant_mode(model, "fp32")
+            log.warning("--quant_mode fp32 on an LSQ+ checkpoint: its quantizers are dropped")
+        mode = args.quant_mode
+    elif args.quant_preset and mode == "lsq" and args.quant_preset != quantizers(model)[0].preset:
+        raise ValueError(f"--quant_preset {args.quant_preset}: the checkpoint was trained with "
+                         f"{quantizers(model)[0].preset}")
+    preset = quantizers(model)[0].preset if mode == "lsq" else None
+    return model, mode, preset, ckpt
+
+
+def write_log(path: Path, rows: list[list]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(LOG_HEADER)
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def save_subnet(model, path: Path, **extra) -> None:
+    from modules.subnet_search import save_subnet_checkpoint
+
+    save_subnet_checkpoint(model, path, **extra)
+
+
+def main(args) -> dict:
+    from modules.data import build_dataset, build_loader, set_loader_epoch
+    from modules.engine import evaluate_top1, param_groups
+
+    ckpt_path = Path(args.subnet_ckpt)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"--subnet_ckpt {ckpt_path} does not exist (write one with export_subnet.py)")
+    if args.resume and args.fresh:
+        raise ValueError("--resume and --fresh exclude each other")
+    name = args.name or f"{ckpt_path.stem}_{Path(args.data_dir).resolve().name}"
+    run_dir = Path(args.output_dir) / "downstream_cls" / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir, "downstream_cls")
+    save_run_info(args, run_dir)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+
+    # the class count (ImageFolder's: the non-hidden sub-folders of train/) fixes the head
+    train_dir = Path(args.data_dir) / "train"
+    if not train_dir.is_dir():
+        raise FileNotFoundError(f"{train_dir} does not exist; expected an ImageFolder {args.data_dir}/train/<class>/*")
+    num_classes = sum(1 for e in os.scandir(train_dir) if e.is_dir() and not e.name.startswith("."))
+    if num_classes < 2:
+        raise ValueError(f"{train_dir}: {num_classes} class folder(s); a classifier needs at least 2")
+    model, mode, preset, src = build_model(args, num_classes)
+    image_size = args.image_size or model.resolution
+    train_ds = build_dataset(args.data_dir, "train", train=True, image_size=image_size, hflip=args.hflip)
+    val_ds = build_dataset(args.data_dir, args.val_split, train=False, image_size=image_size)
+    if val_ds.classes != train_ds.classes:
+        raise ValueError(f"{args.data_dir}: the classes of train/ and {args.val_split}/ differ")
+    train_loader = build_loader(train_ds, args.batch_size, train=True, workers=args.workers, seed=args.seed)
+    val_loader = build_loader(val_ds, args.batch_size, train=False, workers=args.workers)
+    model.to(device)
+    log.info("%s: %s subnet %s, new %d-class head (%s), %d train / %d val images at %d px", name, mode,
+             src["config"]["subnet"], num_classes, mode, len(train_ds), len(val_ds), image_size)
+
+    if args.only_train_head:
+        for n, p in model.named_parameters():
+            p.requires_grad = n.startswith("logits.")
+    groups = param_groups(model, args.weight_decay)
+    opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0)
+    steps_per_epoch = len(train_loader) if args.steps_per_epoch is None else min(args.steps_per_epoch,
+                                                                                 len(train_loader))
+    total = steps_per_epoch * args.epochs
+    warmup = int(round(args.warmup_epochs * steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+
+    start_epoch, rows, best = 0, [], -1.0
+    ckpt_file = run_dir / "checkpoint.pth"
+    if ckpt_file.is_file():
+        if args.fresh:
+            ckpt_file.unlink()
+        elif not args.resume:
+            raise ValueError(f"{ckpt_file} exists: pass --resume to continue that run, or --fresh to start over")
+        else:
+            ck = load_checkpoint(ckpt_file)
+            load_state_dict_strict(model, ck["model"], f"checkpoint {ckpt_file}")
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["lr_scheduler"])
+            start_epoch, rows, best = int(ck["epoch"]), list(ck.get("log", [])), float(ck.get("best", -1.0))
+            if ck.get("rng"):
+                set_rng_state(ck["rng"])
+            log.info("resumed %s at epoch %d", ckpt_file, start_epoch)
+    elif args.resume:
+        log.warning("--resume: no checkpoint at %s; starting a new run", ckpt_file)
+
+    extra = {"source_subnet_checkpoint": str(ckpt_path), "dataset": str(args.data_dir),
+             "classes": list(train_ds.classes)}
+    for epoch in range(start_epoch, args.epochs):
+        t0 = time.perf_counter()
+        set_loader_epoch(train_loader, epoch)
+        model.train()
+        if args.only_train_head:
+            model.eval()
+            model.logits.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        lr = opt.param_groups[0]["lr"]
+        for i, (x, y) in enumerate(train_loader):
+            if i >= steps_per_epoch:
+                break
+            x, y = x.to(device), y.to(device)
+            out = model(x)
+            loss = criterion(out, y)
+            if not torch.isfinite(loss):
+                raise ValueError(f"epoch {epoch} step {i}: loss is {loss.item()} (lower --lr?)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            sched.step()
+            loss_sum += loss.item() * len(y)
+            correct += int((out.argmax(1) == y).sum())
+            seen += len(y)
+        val_top1 = evaluate_top1(model, val_loader, device, args.max_eval_batches)
+        row = [epoch + 1, lr, loss_sum / max(1, seen), 100.0 * correct / max(1, seen), val_top1,
+               time.perf_counter() - t0]
+        rows.append(row)
+        log.info("epoch %d/%d: lr %.4g, loss %.4f, train top-1 %.2f %%, val top-1 %.2f %% (%.1f s)", epoch + 1,
+                 args.epochs, lr, row[2], row[3], val_top1, row[5])
+        if val_top1 > best:
+            best = val_top1
+            save_subnet(model, run_dir / "best.pth", epoch=epoch + 1, val_top1=val_top1, **extra)
+        atomic_save(build_checkpoint(model, opt, sched, epoch=epoch + 1, args=args, log=rows, best=best,
+                                     quant_mode=mode, quant_preset=preset), ckpt_file)
+        write_log(run_dir / "log.csv", rows)
+    if rows:
+        write_log(run_dir / "log.csv", rows)
+    model.eval()
+    save_subnet(model, run_dir / "final.pth", epoch=args.epochs, val_top1=rows[-1][4] if rows else None, **extra)
+    log.info("best val top-1 %.2f %%; outputs in %s", best, run_dir)
+    return {"run_dir": str(run_dir), "best_val_top1": best, "log": to_plain(rows), "quant_mode": mode}
+
+
+if __name__ == "__main__":
+    run_main(main, get_args_parser())

@@ -1,0 +1,279 @@
+"""Evaluate a trained supernet (reference spec §10.1): accuracy or latency of its max, min and given subnets.
+
+Examples::
+
+    # top-1 on the val split after BN recalibration (LSQ+ fake-quant with lsq.pth, fp32 with --quant_mode fp32)
+    python eval_supernet.py --mode acc --supernet tiny-123450-000000 --subnets d1#1#..._r48 best.json
+    # predicted latency (and measured ONNX Runtime latency with --measure) of the same subnets
+    python eval_supernet.py --mode lat --supernet tiny-123450-000000 --subnets best.json \\
+        --latency_predictor ort_int8 --measure
+
+`--mode acc` runs in one process (the original crashed without DDP) and writes a table and
+``<output_dir>/eval_supernet/<supernet>/acc_<quant mode>_<split>.csv`` (rewritten, never appended):
+name, subnet, resolution, top-1, MMACs, Mparams (+ predicted latency with --latency_predictor).
+`--mode lat` needs no checkpoint or data: predicted latency per platform of `--latency_predictor`
+(per block with `--verbose`), `--random N` random subnets for a latency CDF plot, and with `--measure` the
+measured ONNX Runtime latency (FP32 and INT8; export + static quantization as `modules.export` does) —
+written to ``lat.csv`` (and ``latency_cdf.png``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import random
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from modules.checkpoint import atomic_write_text
+from modules.cli import add_common_args, run_main, setup_logging
+from modules.subnet_search import (SubnetEvaluator, SubnetSpace, add_supernet_args, build_eval_batches,
+                                   load_predictor_for, load_supernet_checkpoint, resolve_checkpoint,
+                                   resolve_data_args, resolve_subnet)
+
+log = logging.getLogger("eval_supernet")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("eval_supernet", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mode", choices=["acc", "lat"], default="acc")
+    add_supernet_args(p)
+    p.add_argument("--subnets", nargs="+", default=[], metavar="SUBNET",
+                   help="subnet encodings, 'max', 'min', or JSON files with a 'subnet' key (search best.json)")
+    p.add_argument("--no_maxmin", action="store_true", help="skip the max and min subnets")
+    p.add_argument("--split", choices=["val", "holdout"], default="val",
+                   help="acc: evaluate on the val split or on the search's held-out train images")
+    p.add_argument("--max_eval_images", type=int, default=None, help="acc: evaluate on the first N images only")
+    p.add_argument("--latency_predictor", nargs="+", default=None, metavar="PLATFORM",
+                   help="predictor platforms (ort_int8, ort_fp32, tflite_int8, tflite_fp32, macs); lat mode "
+                        "default: ort_int8")
+    p.add_argument("--latency_table_dir", default=None)
+    p.add_argument("--verbose", action="store_true", help="lat: per-block predicted latency")
+    p.add_argument("--random", type=int, default=0, help="lat: also N random subnets, with a latency CDF plot")
+    p.add_argument("--measure", action="store_true", help="lat: measure ONNX Runtime FP32 and INT8 latency")
+    p.add_argument("--threads", type=int, default=1, help="lat --measure: ORT intra-op threads")
+    p.add_argument("--warmup", type=int, default=20, help="lat --measure: warm-up runs")
+    p.add_argument("--runs", type=int, default=100, help="lat --measure: timed runs (median reported)")
+    p.add_argument("--csv", default=None, help="CSV path (default under <output_dir>/eval_supernet/<supernet>/)")
+    add_common_args(p)
+    return p
+
+
+def _csv(header, rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def format_table(header: list[str], rows: list[list]) -> str:
+    cells = [[str(c) for c in header]] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def subnet_list(space: SubnetSpace, args) -> list[tuple[str, object]]:
+    items = [] if args.no_maxmin else [("max", space.extreme(True)), ("min", space.extreme(False))]
+    for s in args.subnets:
+        cfg = resolve_subnet(space, s)
+        items.append((Path(s).stem if s.endswith(".json") else s if s in ("max", "min") else f"subnet{len(items)}",
+                      cfg))
+    if not items:
+        raise ValueError("nothing to evaluate: --no_maxmin without --subnets")
+    return items
+
+
+def _predictors(platforms: list[str], space: SubnetSpace, args, given: dict | None) -> dict:
+    given = given or {}
+    return {p: given[p] if p in given else load_predictor_for(p, space.choice.superspace, args.latency_table_dir)
+            for p in platforms}
+
+
+# ------------------------------------------------------------------------------------------ accuracy
+def eval_acc(args, predictor_platforms: list[str], predictors: dict | None = None) -> dict:
+    from modules.counter import count_macs, count_params
+    from modules.data import prepare_default_data
+
+    resolve_data_args(args)
+    ckpt_path = resolve_checkpoint(args)
+    net, info = load_supernet_checkpoint(ckpt_path, args.supernet, args.device, log=log.warning)
+    space = SubnetSpace(net.choice, net.hw_list)
+    items = subnet_list(space, args)
+    data_dir = prepare_default_data(args.data_dir, size=max(space.hw_list))
+    image_size = args.image_size or max(space.hw_list)
+    calib, val, dinfo = build_eval_batches(
+        data_dir, image_size, split=args.split, holdout_size=args.holdout_size,
+        num_calib_batches=args.num_calib_batches, calib_batch_size=args.calib_batch_size,
+        batch_size=args.batch_size, seed=args.data_seed, workers=args.workers, hflip=args.hflip,
+        max_eval_images=args.max_eval_images, cache_limit_gb=args.cache_limit_gb, log=log.warning)
+    log.info("%s (%s): %d %s images, BN calibration on %d train images", info["supernet"], info["quant_mode"],
+             dinfo["eval_images"], args.split, dinfo["calib_images"])
+    evaluator = SubnetEvaluator(net, calib, val, args.device, args.cache_limit_gb)
+    predictors = _predictors(predictor_platforms, space, args, predictors)
+    header = ["name", "resolution", "top1", "MMACs", "Mparams"] + [f"lat_{p}_ms" for p in predictors] + ["subnet"]
+    rows = []
+    for name, cfg in items:
+        t0 = time.perf_counter()
+        acc = evaluator(cfg)
+        macs = count_macs(net, (1, 3, cfg.resolution, cfg.resolution)) / 1e6
+        params = count_params(net.get_active_subnet(preserve_weight=False)) / 1e6
+        lats = [float(p.predict_subnet(net)) for p in predictors.values()]
+        rows.append([name, cfg.resolution, acc, macs, params] + lats + [str(cfg)])
+        log.info("%s: top-1 %.2f %% (%.1f s)", name, acc, time.perf_counter() - t0)
+    print(format_table(header[:-1], [r[:-1] for r in rows]))
+    out = Path(args.csv) if args.csv else (Path(args.output_dir) / "eval_supernet" / info["supernet"]
+                                          / f"acc_{info['quant_mode']}_{args.split}.csv")
+    atomic_write_text(out, _csv(["supernet", "quant_mode", "split"] + header,
+                                [[info["supernet"], info["quant_mode"], args.split]
+                                 + [f"{c:.6g}" if isinstance(c, float) else c for c in r] for r in rows]))
+    log.info("wrote %s", out)
+    return {"csv": str(out), "rows": [dict(zip(header, r)) for r in rows], "info": info}
+
+
+# ------------------------------------------------------------------------------------------ latency
+def _ort_median_ms(path: str, shape: tuple, threads: int, warmup: int, runs: int) -> float:
+    import numpy as np
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)  # no graph-cleanup warnings
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    for _ in range(warmup):
+        sess.run(None, {name: x})
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, {name: x})
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def measure_ort(model: torch.nn.Module, resolution: int, threads: int, warmup: int, runs: int) -> dict:
+    """Median ONNX Runtime latency (ms) of `model` exported as FP32 and as static-quantized INT8 (uint8
+    activations, int8 per-channel weights, QDQ; random calibration is fine for latency)."""
+    from modules.export import RandomCalibrationWarning, export_onnx, quantize_onnx_int8
+
+    with tempfile.TemporaryDirectory(prefix="eval_lat_") as d:
+        fp32, int8 = f"{d}/m.onnx", f"{d}/m_int8.onnx"
+        export_onnx(model.eval(), resolution, fp32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RandomCalibrationWarning)
+            quantize_onnx_int8(fp32, int8, calib=None)
+        shape = (1, 3, resolution, resolution)
+        return {"ort_fp32": _ort_median_ms(fp32, shape, threads, warmup, runs),
+                "ort_int8": _ort_median_ms(int8, shape, threads, warmup, runs)}
+
+
+def eval_lat(args, platforms: list[str], predictors: dict | None = None) -> dict:
+    from modules.counter import count_macs
+    from modules.encoding import parse_supernet
+    from modules.supernet import SuperNet
+
+    if args.checkpoint or (args.supernet is None):
+        ckpt_path = resolve_checkpoint(args)
+        net, info = load_supernet_checkpoint(ckpt_path, args.supernet, "cpu", log=log.warning)
+    else:  # latency needs no trained weights
+        net = SuperNet(parse_supernet(args.supernet)).eval()
+        info = {"supernet": str(net.choice), "quant_mode": "fp32"}
+    space = SubnetSpace(net.choice, net.hw_list)
+    items = subnet_list(space, args)
+    rng = random.Random(args.seed)
+    predictors = _predictors(platforms, space, args, predictors)
+    header = ["name", "resolution", "MMACs"] + [f"pred_{p}_ms" for p in predictors]
+    if args.measure:
+        header += ["meas_ort_fp32_ms", "meas_ort_int8_ms"] + [f"err_{p}" for p in predictors if p in ("ort_int8",
+                                                                                                         "ort_fp32")]
+    rows = []
+    for name, cfg in items:
+        net.set_active_subnet(cfg)
+        preds = [float(p.predict_subnet(net)) for p in predictors.values()]
+        row = [name, cfg.resolution, count_macs(net, (1, 3, cfg.resolution, cfg.resolution)) / 1e6] + preds
+        if args.verbose:
+            for p, pred in predictors.items():
+                blocks = net.block_configs()
+                print(f"{name} ({p}):")
+                for b in blocks:
+                    print(f"  {b['name']:<18} cin {b['cin']:>4} cout {b['cout']:>4} k {b['kernel']} e {b['expand']} "
+                          f"s {b['stride']} hw {b['hw']:>3}: {float(pred.predict_blocks([b])):.4f} ms")
+                print(f"  total {preds[list(predictors).index(p)]:.4f} ms")
+        if args.measure:
+            sub = net.get_active_subnet(preserve_weight=True)
+            meas = measure_ort(sub, cfg.resolution, args.threads, args.warmup, args.runs)
+            row += [meas["ort_fp32"], meas["ort_int8"]]
+            for p, v in zip(predictors, preds):
+                if p in ("ort_int8", "ort_fp32"):
+                    row.append(v / meas[p] - 1.0)
+            log.info("%s: measured ORT fp32 %.3f ms, int8 %.3f ms", name, meas["ort_fp32"], meas["ort_int8"])
+        rows.append(row + [str(cfg)])
+    print(format_table(header, [r[:-1] for r in rows]))
+    root = Path(args.output_dir) / "eval_supernet" / info["supernet"]
+    out = Path(args.csv) if args.csv else root / "lat.csv"
+    atomic_write_text(out, _csv(["supernet"] + header + ["subnet"],
+                                [[info["supernet"]] + [f"{c:.6g}" if isinstance(c, float) else c for c in r]
+                                 for r in rows]))
+    log.info("wrote %s", out)
+    result = {"csv": str(out), "rows": [dict(zip(header + ["subnet"], r)) for r in rows]}
+    if args.random:
+        lat = {p: [] for p in predictors}
+        for _ in range(args.random):
+            net.set_active_subnet(space.random(rng))
+            for p, pred in predictors.items():
+                lat[p].append(float(pred.predict_subnet(net)))
+        result["random"] = {p: {"min": min(v), "median": statistics.median(v), "max": max(v)} for p, v in lat.items()}
+        for p, s in result["random"].items():
+            log.info("%d random subnets, %s: %.4g / %.4g / %.4g ms (min / median / max)", args.random, p,
+                     s["min"], s["median"], s["max"])
+        _plot_cdf(lat, root / "latency_cdf.png", info["supernet"])
+    return result
+
+
+def _plot_cdf(lat: dict, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import os
+
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for p, v in lat.items():
+        v = sorted(v)
+        ax.plot(v, [(i + 1) / len(v) for i in range(len(v))], label=p)
+    ax.set_xlabel("predicted latency (ms)")
+    ax.set_ylabel("fraction of random subnets")
+    ax.set_title(f"{title}: latency CDF")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(args, predictors: dict | None = None) -> dict:
+    """`predictors` ({platform: object with predict_subnet/predict_blocks}) replaces the loaded ones (tests)."""
+    setup_logging(None, "eval_supernet")
+    torch.manual_seed(args.seed)
+    if args.mode == "acc":
+        return eval_acc(args, args.latency_predictor or [], predictors)
+    return eval_lat(args, args.latency_predictor or ["ort_int8"], predictors)
+
+
+if __name__ == "__main__":
+    run_main(main, get_args_parser())
