@@ -261,6 +261,7 @@ def export_onnx(model: nn.Module, resolution, path: str | os.PathLike, opset: in
         with _eval_mode(model), torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
             if dynamo:
                 prog = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset,
                                          input_names=["input"], output_names=["output"])
