@@ -86,24 +86,19 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 def build_model(args, num_classes: int):
     """(model with a new head, quant mode, preset, source checkpoint dict)."""
-    from modules.lsq import get_quant_mode, quantizers, set_quant_mode
+    from modules.lsq import get_quant_mode, quantizers
     from modules.subnet_search import load_subnet_checkpoint
 
-    model, ckpt = load_subnet_checkpoint(args.subnet_ckpt, num_classes=num_classes, new_head=True, return_ckpt=True)
+    want = None if args.quant_mode == "auto" else args.quant_mode
+    model, ckpt = load_subnet_checkpoint(args.subnet_ckpt, num_classes=num_classes, new_head=True, quant_mode=want,
+                                         quant_preset=args.quant_preset, return_ckpt=True)
     mode = get_quant_mode(model)
-    if args.quant_mode != "auto" and args.quant_mode != mode:
-        if args.quant_mode == "lsq":
-            set_quant_mode(model, "lsq", args.quant_preset or "ort")
-            log.info("switched the fp32 subnet to LSQ+ (%s); scales are initialised from the first batch",
-                     args.quant_preset or "ort")
-        else:
-            set_quant_mode(model, "fp32")
-            log.warning("--quant_mode fp32 on an LSQ+ checkpoint: its quantizers are dropped")
-        mode = args.quant_mode
-    elif args.quant_preset and mode == "lsq" and args.quant_preset != quantizers(model)[0].preset:
-        raise ValueError(f"--quant_preset {args.quant_preset}: the checkpoint was trained with "
-                         f"{quantizers(model)[0].preset}")
     preset = quantizers(model)[0].preset if mode == "lsq" else None
+    if ckpt.get("quant_mode", "fp32") != mode:
+        log.info("checkpoint is %s, fine-tuning in %s%s", ckpt.get("quant_mode", "fp32"), mode,
+                 " (LSQ+ scales initialised from the first batch)" if mode == "lsq" else "")
+    elif args.quant_preset and mode == "lsq" and args.quant_preset != preset:
+        raise ValueError(f"--quant_preset {args.quant_preset}: the checkpoint was trained with {preset}")
     return model, mode, preset, ckpt
 
 

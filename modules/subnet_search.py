@@ -636,13 +636,16 @@ def save_subnet_checkpoint(subnet: nn.Module, path: str | os.PathLike, **extra) 
 
 
 def load_subnet_checkpoint(path: str | os.PathLike, device="cpu", num_classes: int | None = None,
-                           new_head: bool = False, return_ckpt: bool = False):
+                           new_head: bool = False, quant_mode: str | None = None, quant_preset: str | None = None,
+                           return_ckpt: bool = False):
     """The standalone subnet of a `save_subnet_checkpoint` file (eval mode, `.resolution` set): built with
     `build_from_config`, switched to LSQ+ if it was, loaded strictly (weights_only=True).
 
     `num_classes` other than the saved one, or `new_head`, gives a freshly initialised head (weights, bias, weight
     quantizer; same quant mode as the body) for fine-tuning; every other weight must match.
-    With `return_ckpt`, returns (model, checkpoint dict)."""
+    `quant_mode` "fp32" on an LSQ+ checkpoint drops its quantizers; "lsq" on an fp32 checkpoint switches to LSQ+
+    (`quant_preset`, default ort) with scales initialised from the first batch. With `return_ckpt`, returns
+    (model, checkpoint dict)."""
     from modules.checkpoint import load_checkpoint, load_state_dict_strict
     from modules.lsq import set_quant_mode
     from modules.supernet import build_from_config
@@ -662,16 +665,23 @@ def load_subnet_checkpoint(path: str | os.PathLike, device="cpu", num_classes: i
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     mode = ckpt.get("quant_mode", "fp32")
+    if mode not in ("fp32", "lsq"):
+        raise ValueError(f"{path}: unknown quant_mode {mode!r}")
+    if quant_mode not in (None, "fp32", "lsq"):
+        raise ValueError(f"quant mode {quant_mode!r}: expected fp32 or lsq")
+    state = ckpt["model"]
+    if mode == "lsq" and quant_mode == "fp32":
+        state = {k: v for k, v in state.items() if ".act_quant." not in k and ".weight_quant." not in k}
+        mode = "fp32"
     if mode == "lsq":
         set_quant_mode(model, "lsq", ckpt.get("quant_preset") or "ort")
-    elif mode != "fp32":
-        raise ValueError(f"{path}: unknown quant_mode {mode!r}")
-    state = ckpt["model"]
     if new_head:
         # new weights, bias and weight quantizer; the input (activation) quantizer of the head is kept
         fresh = {k: v for k, v in model.state_dict().items() if k.startswith("logits.") and ".act_quant." not in k}
         state = {**{k: v for k, v in state.items() if k not in fresh}, **fresh}
     load_state_dict_strict(model, state, f"subnet checkpoint {path}")
+    if mode == "fp32" and quant_mode == "lsq":
+        set_quant_mode(model, "lsq", quant_preset or "ort")
     model.resolution = model.active_resolution
     model.to(device).eval()
     return (model, ckpt) if return_ckpt else model
