@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import math
+import random
+import signal
+import threading
 from typing import Iterable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from modules.dist import all_reduce_mean
 from modules.lsq import quant_parameters
@@ -89,3 +93,223 @@ def evaluate_top1(model: nn.Module, loader: Iterable, device="cpu", max_batches:
     if correct[1] == 0:
         raise ValueError("evaluation got no batches: the validation loader is empty")
     return float(100.0 * correct[0] / correct[1])
+
+
+# ============================================================================ generic training-loop pieces
+# (supernet training; usable by any stage script that trains with SGD + warm-up cosine on one or more ranks)
+
+def step_rng(seed: int, step: int) -> random.Random:
+    """The RNG for global step `step`: every DDP rank builds the same one, so they pick the same subnets."""
+    return random.Random(int(seed) * 1_000_003 + int(step))
+
+
+def set_deterministic(enabled: bool = True) -> None:
+    """Deterministic kernels where torch has them (CPU runs are then bit-reproducible for a fixed thread count)."""
+    torch.use_deterministic_algorithms(bool(enabled), warn_only=True)
+    if torch.backends.cudnn.is_available():
+        torch.backends.cudnn.deterministic = bool(enabled)
+        torch.backends.cudnn.benchmark = not enabled
+
+
+def build_sgd(model: nn.Module, lr: float, momentum: float = 0.9, nesterov: bool = True,
+              weight_decay: float = 0.0) -> torch.optim.SGD:
+    """SGD over `param_groups(model, weight_decay)` (no decay on BN, biases and LSQ+ scales)."""
+    if lr <= 0:
+        raise ValueError(f"learning rate {lr}: expected a positive number")
+    if nesterov and momentum <= 0:
+        raise ValueError("nesterov SGD needs momentum > 0")
+    return torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=momentum, nesterov=nesterov)
+
+
+def build_warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                        warmup_start: float = 0.001) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-iteration scheduler: lr = base · `warmup_cosine(total_steps, warmup_steps)(it)` (spec §8.3)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps, warmup_start))
+
+
+def _dist_on() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+@torch.no_grad()
+def broadcast_module(model: nn.Module, src: int = 0) -> None:
+    """Copy parameters and buffers of rank `src` to every rank (no-op without a process group)."""
+    if not _dist_on():
+        return
+    for t in list(model.parameters()) + list(model.buffers()):
+        torch.distributed.broadcast(t.data, src)
+
+
+@torch.no_grad()
+def all_reduce_gradients(params: list[torch.Tensor], flags: list[float] | None = None) -> list[float]:
+    """Average `.grad` over DDP ranks in ONE all-reduce, and sum `flags` (e.g. a stop request) with it.
+
+    A parameter without gradient on some rank contributes zeros; one without gradient on every rank keeps
+    `grad = None` (the optimizer then skips it, as in a single process). Replaces DDP's per-backward
+    reducer, which with several forward/backward passes per step (sandwich rule) all-reduces each time and,
+    under `no_sync`, mishandles parameters unused by the last pass. Returns the summed flags.
+    """
+    flags = [float(f) for f in (flags or [])]
+    if not _dist_on():
+        return flags
+    world = torch.distributed.get_world_size()
+    ref = params[0]
+    used = torch.tensor([p.grad is not None for p in params], dtype=ref.dtype, device=ref.device)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [used, torch.tensor(flags, dtype=ref.dtype, device=ref.device)])
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(g).div_(world)
+        offset += n
+    used = flat[offset:offset + len(params)]
+    for p, u in zip(params, used.tolist()):
+        if u == 0:
+            p.grad = None
+    return flat[offset + len(params):].tolist()
+
+
+@torch.no_grad()
+def all_reduce_buffers(model: nn.Module) -> None:
+    """Average the floating-point buffers (BN running stats) over ranks, so every rank holds the same state."""
+    if not _dist_on():
+        return
+    bufs = [b for b in model.buffers() if b.is_floating_point()]
+    if not bufs:
+        return
+    flat = torch.cat([b.reshape(-1) for b in bufs])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    offset = 0
+    for b in bufs:
+        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+        offset += b.numel()
+
+
+class GracefulStop:
+    """Context manager: the first SIGTERM / SIGINT sets `.requested` (the loop saves and exits at the next
+    step boundary); a second one falls back to the default handler. Only installable in the main thread."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.signals, self.requested, self.signum, self._old = tuple(signals), False, None, {}
+
+    def _handler(self, signum, frame):
+        self.requested, self.signum = True, signum
+        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+
+class AverageMeter:
+    """Running mean; `state()` / `from_state()` so a resumed epoch keeps its sums."""
+
+    def __init__(self, total: float = 0.0, count: int = 0):
+        self.total, self.count = float(total), int(count)
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.total += float(value) * n
+        self.count += n
+
+    @property
+    def avg(self) -> float:
+        return self.total / self.count if self.count else float("nan")
+
+    def state(self) -> list:
+        return [self.total, self.count]
+
+    @classmethod
+    def from_state(cls, state) -> "AverageMeter":
+        return cls(*state) if state else cls()
+
+
+class ResizeCache:
+    """`images` resized to each resolution at most once per step (bicubic, as the model itself does)."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images, self._cache = images, {}
+
+    def __call__(self, resolution: int) -> torch.Tensor:
+        if self.images.shape[-1] == resolution and self.images.shape[-2] == resolution:
+            return self.images
+        if resolution not in self._cache:
+            self._cache[resolution] = F.interpolate(self.images, size=(resolution, resolution), mode="bicubic",
+                                                    align_corners=False)
+        return self._cache[resolution]
+
+
+@torch.no_grad()
+def init_lsq_scales(model: nn.Module, images: torch.Tensor) -> int:
+    """Initialise the LSQ+ scales of `model` (active subnet) from one forward of `images` in train mode
+    (min/max of what each quantizer sees; all-reduced over ranks). BN running stats are left untouched.
+    Returns the number of quantizers initialised by this call."""
+    from modules.lsq import quantizers
+    before = sum(bool(q.initialized) for q in quantizers(model) if q.enabled)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [{k: v.clone() for k, v in bn.state_dict().items()} for bn in bns]
+    was_training = model.training
+    model.train()
+    try:
+        model(images)
+    finally:
+        for bn, st in zip(bns, saved):
+            bn.load_state_dict(st)
+        model.train(was_training)
+    return sum(bool(q.initialized) for q in quantizers(model) if q.enabled) - before
+
+
+def write_csv(path, rows: list[dict], fields: list[str]) -> None:
+    """Rewrite `path` atomically with `rows` (missing / None values as empty cells)."""
+    import csv
+    import io
+    from modules.checkpoint import atomic_write_text
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
+    atomic_write_text(path, buf.getvalue())
+
+
+def plot_curves(path, rows: list[dict], title: str = "") -> None:
+    """PNG with the training loss (left axis) and the validation accuracies per epoch (right axis)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from modules.checkpoint import atomic_write_bytes
+    import io
+    fig, ax1 = plt.subplots(figsize=(7, 4))
+    ep = [r["epoch"] for r in rows]
+    for key, style in (("loss", "-"), ("kd_loss", "--")):
+        ys = [r.get(key) for r in rows]
+        if any(y is not None for y in ys):
+            ax1.plot(ep, [float("nan") if y is None else y for y in ys], style, color="tab:blue", label=key)
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("train loss", color="tab:blue")
+    ax2 = ax1.twinx()
+    for key, color in (("max_acc", "tab:red"), ("min_acc", "tab:orange")):
+        pts = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax2.plot(*zip(*pts), "o-", color=color, label=key)
+    ax2.set_ylabel("val top-1 (%)", color="tab:red")
+    lines = ax1.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax1.legend(lines, [ln.get_label() for ln in lines], loc="center right")
+    ax1.set_title(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,224 @@
+"""Time per supernet training step (sandwich rule: max + random + random + min, backward, SGD step) of the
+tiny supernet in LSQ+ fake-quant mode vs fp32, in the same process. Goal: ratio <= 1.5.
+
+    python -m bench.lsq_overhead                        # tiny-151122-000000, batch 32, 64 px
+    python -m bench.lsq_overhead --supernet tiny-000000-000000 --steps 10 --rounds 5 --threads 2
+    python -m bench.lsq_overhead --profile              # + top ops of an LSQ+ step by self CPU time
+    python -m bench.lsq_overhead --fused                # + a step with fused LSQ+ autograd functions
+
+The two models hold the same weights; rounds alternate fp32 / LSQ+ so that load from other processes
+affects both alike; the median per-step time of each mode is reported. `--fused` times a third variant
+whose quantizers run a fused autograd.Function (same forward values, analytic LSQ+ gradients, far fewer
+elementwise passes) instead of the chain of autograd ops in modules/lsq.py: a measurement of what such
+an implementation would save, not used by training.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modules import lsq  # noqa: E402
+from modules.engine import init_lsq_scales  # noqa: E402
+from modules.lsq import set_quant_mode  # noqa: E402
+from modules.supernet import supernet_from_encoding  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("lsq_overhead", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--supernet", default="tiny-151122-000000")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--image_size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round and mode")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--preset", default="ort", choices=list(lsq.PRESETS))
+    p.add_argument("--profile", action="store_true", help="print the top ops of an LSQ+ step")
+    p.add_argument("--fused", action="store_true", help="also time fused LSQ+ autograd functions")
+    return p
+
+
+def make_trainer(model, args):
+    """A train_supernet.Trainer over a synthetic loader (the real step code: sandwich, clip, SGD, scheduler)."""
+    import train_supernet
+    targs = train_supernet.get_args_parser().parse_args(
+        ["--supernet_choice", args.supernet, "--batch_size_per_gpu", str(args.batch_size), "--epochs", "1000",
+         "--warmup_epochs", "0", "--base_lr", "0.01", "--lsq_base_lr", "0.001", "--lsq_epochs", "1000"])
+    targs.quant_mode = "lsq" if lsq.get_quant_mode(model) == "lsq" else "fp32"
+    loaders = {"train": [None] * 100}
+    return train_supernet.Trainer(targs, model, loaders, torch.device("cpu"), None, args.supernet)
+
+
+def time_steps(trainer, batch, steps: int) -> float:
+    images, labels = batch
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(images, labels, False)
+    return (time.perf_counter() - t0) / steps
+
+
+# ------------------------------------------------------------------ fused variant (measurement only)
+def _grad_scale_value(v, g):
+    return v if g == 1.0 else (v - v * g) + v * g  # the value lsq.grad_scale() produces
+
+
+class _ActFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, offset, levels, integer_zero_point, g):
+        s = _grad_scale_value(scale.abs().clamp_min(lsq.SCALE_FLOOR), g)
+        beta0 = _grad_scale_value(offset, g)
+        z = zp = None
+        beta = beta0
+        if integer_zero_point:
+            z = -beta0 / s
+            zp = torch.clamp(z, 0, levels).round()
+            beta = -zp * s
+        t = (x - beta) / s
+        out = t.clamp(0, levels).round_().mul_(s).add_(beta)
+        ctx.save_for_backward(t, scale, s, beta0, z, zp)
+        ctx.levels, ctx.izp, ctx.g = levels, integer_zero_point, g
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        t, scale, s, beta0, z, zp = ctx.saved_tensors
+        c = t.clamp(0, ctx.levels)
+        inside = c == t
+        gx = grad * inside
+        term = c.round_().sub_(t * inside)  # round(t) - t inside, 0 / levels where clipped
+        d_s = torch.dot(grad.reshape(-1), term.reshape(-1))
+        d_beta = grad.sum() - gx.sum()
+        if ctx.izp:  # beta = -zp * s with zp = round_ste(clamp(-beta0 / s, 0, levels))
+            zp_in = ((z >= 0) & (z <= ctx.levels)).to(t.dtype)
+            d_s = d_s - d_beta * zp - d_beta * zp_in * beta0 / s
+            d_beta = d_beta * zp_in
+        d_scale = d_s.reshape(1) * ctx.g * torch.sign(scale) * (scale.abs() >= lsq.SCALE_FLOOR).to(t.dtype)
+        return gx, d_scale, d_beta.reshape(1) * ctx.g, None, None, None
+
+
+class _WeightFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, scale, qmin, qmax, g):
+        s = _grad_scale_value(scale.abs().clamp_min(lsq.SCALE_FLOOR), g)
+        if s.numel() > 1:
+            s = s.view(-1, *([1] * (w.dim() - 1)))
+        t = w / s
+        out = t.clamp(qmin, qmax).round_().mul_(s)
+        ctx.save_for_backward(t, scale)
+        ctx.qmin, ctx.qmax, ctx.g = qmin, qmax, g
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        t, scale = ctx.saved_tensors
+        c = t.clamp(ctx.qmin, ctx.qmax)
+        inside = c == t
+        d = grad * c.round_().sub_(t * inside)
+        d_s = d.reshape(-1).sum().reshape(1) if scale.numel() == 1 else d.reshape(d.shape[0], -1).sum(1)
+        d_scale = d_s * ctx.g * torch.sign(scale) * (scale.abs() >= lsq.SCALE_FLOOR).to(t.dtype)
+        return grad * inside, d_scale, None, None, None
+
+
+def fused_activation(x, scale, offset, qmin, qmax, integer_zero_point, g=1.0):
+    return _ActFakeQuant.apply(x, scale, offset, qmax - qmin, integer_zero_point, g)
+
+
+def fused_weight(w, scale, qmin, qmax, g=1.0):
+    return _WeightFakeQuant.apply(w, scale, qmin, qmax, g)
+
+
+def check_fused_matches_reference() -> float:
+    """Largest relative gradient difference fused vs modules.lsq on float64 (forward must be identical)."""
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for izp in (False, True):
+        for g in (1.0, 0.21):
+            x = torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64) * 2
+            up = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+            res = []
+            for f in (lsq.quantize_activation, fused_activation):
+                sc = torch.tensor([0.011], dtype=torch.float64, requires_grad=True)
+                of = torch.tensor([-1.23], dtype=torch.float64, requires_grad=True)
+                xv = x.clone().requires_grad_(True)
+                out = f(xv, sc, of, 0, 255, izp, g)
+                (out * up).sum().backward()
+                res.append((out.detach(), xv.grad, sc.grad, of.grad))
+            assert torch.equal(res[0][0], res[1][0]), "fused activation forward differs"
+            for a, b in zip(res[0][1:], res[1][1:]):
+                worst = max(worst, float(((a - b).abs() / (a.abs() + 1e-12)).max()))
+    return worst
+
+
+def use_fused(model) -> None:
+    """Route the quantizers of `model` through the fused functions (instance-level forward override)."""
+    for q in lsq.quantizers(model):
+        if isinstance(q, lsq.ActQuantizer):
+            def fwd(x, q=q):
+                if not q.initialized:
+                    q.init_from(x)
+                g = 1.0 / math.sqrt(x[0].numel() * (q.qmax - q.qmin)) if q.training else 1.0
+                return fused_activation(x, q.scale, q.offset, q.qmin, q.qmax, q.integer_zero_point, g)
+        else:
+            def fwd(w, q=q):
+                if not q.initialized:
+                    q.init_from(w)
+                scale = q.scale[: w.shape[0]] if q.per_channel else q.scale
+                g = 1.0 / math.sqrt(w.numel() // scale.numel() * q.qmax) if q.training else 1.0
+                return fused_weight(w, scale, q.qmin, q.qmax, g)
+        q.forward = fwd
+
+
+# ------------------------------------------------------------------ main
+def main(argv=None) -> dict:
+    args = get_args_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    fp32 = supernet_from_encoding(args.supernet).train()
+    quant = set_quant_mode(copy.deepcopy(fp32), "lsq", args.preset)
+    batch = (torch.randn(args.batch_size, 3, args.image_size, args.image_size),
+             torch.randint(0, fp32.num_classes, (args.batch_size,)))
+    quant.set_max_subnet()
+    init_lsq_scales(quant, batch[0])
+    variants = {"fp32": fp32, "lsq": quant}
+    if args.fused:
+        print(f"fused vs modules.lsq: forward identical, largest relative gradient difference "
+              f"{check_fused_matches_reference():.1e} (float64)")
+        variants["lsq_fused"] = copy.deepcopy(quant)
+        use_fused(variants["lsq_fused"])
+    trainers = {k: make_trainer(m, args) for k, m in variants.items()}
+    for t in trainers.values():  # warm-up (allocator, first-call overheads)
+        time_steps(t, batch, 1)
+    times = {k: [] for k in trainers}
+    for _ in range(args.rounds):
+        for k, t in trainers.items():
+            times[k].append(time_steps(t, batch, args.steps))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{args.supernet}, batch {args.batch_size}, {args.image_size} px loader crops, {args.threads} thread(s), "
+          f"preset {args.preset}, {args.rounds} rounds x {args.steps} steps")
+    for k, v in med.items():
+        print(f"  {k:10s} {v * 1000:8.1f} ms/step   (rounds: {', '.join(f'{x * 1000:.0f}' for x in times[k])})")
+    ratio = med["lsq"] / med["fp32"]
+    print(f"LSQ+ / fp32 step time: {ratio:.2f}x (goal <= 1.5x)")
+    out = {"fp32_ms": med["fp32"] * 1000, "lsq_ms": med["lsq"] * 1000, "ratio": ratio}
+    if "lsq_fused" in med:
+        out["fused_ratio"] = med["lsq_fused"] / med["fp32"]
+        print(f"fused LSQ+ / fp32 step time: {out['fused_ratio']:.2f}x")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            time_steps(trainers["lsq"], batch, 2)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    return out
+
+
+if __name__ == "__main__":
+    main()

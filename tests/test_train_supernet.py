@@ -1,0 +1,235 @@
+"""train_supernet.py: sandwich step, exact resume after SIGKILL / SIGTERM (fp32 and LSQ+), 2-process torchrun,
+one-line errors. Tiny settings: tiny-000000-000000, batch 8, 32 px crops, 32 training images, 1 thread."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_supernet
+from modules.checkpoint import load_checkpoint
+from modules.cli import parse_args_with_config
+from modules.engine import ResizeCache, all_reduce_gradients, step_rng, warmup_cosine
+from modules.supernet import supernet_from_encoding
+
+REPO = Path(__file__).resolve().parents[1]
+ENC = "tiny-000000-000000"
+STEPS_PER_EPOCH = 4  # 32 images / batch 8
+
+
+def _args(out: Path, data: Path, *extra: str) -> list[str]:
+    return ["--supernet_choice", ENC, "--output_dir", str(out), "--data_path", str(data), "--image_size", "32",
+            "--batch_size_per_gpu", "8", "--max_train_samples", "32", "--valid_size", "16", "--eval_batch_size",
+            "16", "--bn_calib_batches", "1", "--valid_freq", "1", "--epochs", "3", "--warmup_epochs", "1",
+            "--base_lr", "0.05", "--lsq_epochs", "2", "--lsq_warmup_epochs", "0", "--lsq_base_lr", "0.005",
+            "--threads", "1", "--deterministic", "--no-progress", *extra]
+
+
+def _env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPACEEVO_FAULT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+def _run(argv: list[str], expect: int = 0, launcher: list[str] | None = None, **env: str):
+    cmd = (launcher or [sys.executable]) + [str(REPO / "train_supernet.py"), *argv]
+    p = subprocess.run(cmd, cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=600)
+    assert p.returncode == expect, f"exit {p.returncode} != {expect}\nSTDOUT\n{p.stdout[-3000:]}\nSTDERR\n{p.stderr[-3000:]}"
+    return p
+
+
+def _exp(out: Path) -> Path:
+    return out / "supernet_training" / ENC
+
+
+def _model(path: Path) -> dict:
+    return load_checkpoint(path)["model"]
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    sa, sb = _model(a), _model(b)
+    assert sa.keys() == sb.keys()
+    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [{k: v for k, v in row.items() if k != "time_s"} for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def fp32_reference(tmp_path_factory, digits_root) -> Path:
+    """An uninterrupted fp32 run (3 epochs x 4 steps)."""
+    out = tmp_path_factory.mktemp("fp32_ref")
+    _run(_args(out, digits_root))
+    return out
+
+
+# --------------------------------------------------------------------------- resume
+def test_fp32_sigkill_and_sigterm_then_resume_match_uninterrupted_run(fp32_reference, digits_root, tmp_path):
+    ref = _exp(fp32_reference)
+    ck = load_checkpoint(ref / "checkpoint.pth")
+    assert ck["epoch"] == 3 and ck["step"] == 3 * STEPS_PER_EPOCH and ck["complete"] and ck["quant_mode"] == "fp32"
+    rows = _csv(ref / "log.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and all(r["max_acc"] and r["min_acc"] for r in rows)
+    assert (ref / "curves.png").stat().st_size > 0 and (ref / "checkpoint_best.pth").is_file()
+
+    out = tmp_path / "b"
+    # SIGKILL right after step 6 (epoch 2, batch 2): only the epoch-1 checkpoint survives
+    _run(_args(out, digits_root), expect=-9, SPACEEVO_FAULT_AT_STEP="6")
+    ck = load_checkpoint(_exp(out) / "checkpoint.pth")
+    assert (ck["epoch"], ck["batch_in_epoch"], ck["step"]) == (1, 0, 4)
+    # resume; SIGTERM after step 9: the run saves at the next step boundary (mid-epoch 3) and exits with 0
+    p = _run(_args(out, digits_root, "--resume"), SPACEEVO_FAULT_AT_STEP="9", SPACEEVO_FAULT_SIGNAL="TERM")
+    assert "stop requested (SIGTERM)" in p.stdout
+    ck = load_checkpoint(_exp(out) / "checkpoint.pth")
+    assert (ck["epoch"], ck["batch_in_epoch"], ck["step"]) == (2, 2, 10)
+    _run(_args(out, digits_root, "--resume"))
+    _assert_same_weights(ref / "checkpoint.pth", _exp(out) / "checkpoint.pth")
+    _assert_same_weights(ref / "checkpoint_best.pth", _exp(out) / "checkpoint_best.pth")
+    assert _csv(ref / "log.csv") == _csv(_exp(out) / "log.csv")
+
+
+def test_lsq_sigkill_then_resume_matches_uninterrupted_run(fp32_reference, digits_root, tmp_path):
+    runs = {}
+    for name in ("ref", "killed"):
+        out = tmp_path / name
+        _exp(out).mkdir(parents=True)
+        shutil.copy(_exp(fp32_reference) / "checkpoint.pth", _exp(out) / "checkpoint.pth")
+        runs[name] = out
+    _run(_args(runs["ref"], digits_root, "--quant_mode", "lsq"))
+    _run(_args(runs["killed"], digits_root, "--quant_mode", "lsq"), expect=-9, SPACEEVO_FAULT_AT_STEP="5")
+    ck = load_checkpoint(_exp(runs["killed"]) / "lsq.pth")
+    assert (ck["epoch"], ck["step"], ck["quant_mode"], ck["quant_preset"]) == (1, 4, "lsq", "ort")
+    _run(_args(runs["killed"], digits_root, "--quant_mode", "lsq", "--resume"))
+    ref, got = _exp(runs["ref"]), _exp(runs["killed"])
+    _assert_same_weights(ref / "lsq.pth", got / "lsq.pth")
+    assert _csv(ref / "lsq_log.csv") == _csv(got / "lsq_log.csv")
+    state = _model(ref / "lsq.pth")
+    scales = [k for k in state if k.endswith("act_quant.scale")]
+    assert scales and all(bool(state[k.replace("scale", "initialized")]) for k in scales)
+    # the fp32 files are left alone
+    _assert_same_weights(_exp(fp32_reference) / "checkpoint.pth", ref / "checkpoint.pth")
+    assert not (ref / "log.csv").exists() and (ref / "lsq_log.csv").is_file() and (ref / "lsq_best.pth").is_file()
+
+
+# --------------------------------------------------------------------------- DDP
+def test_two_process_torchrun_ends_with_identical_weights(fp32_reference, digits_root, tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    out = tmp_path / "ddp"
+    _run(_args(out, digits_root, "--epochs", "2"), launcher=launcher)
+    summary = json.loads((_exp(out) / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["status"] == "done" and summary["step"] == 2 * 2
+    digests = summary["state_sha256_per_rank"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    # LSQ+ on 2 ranks too (scale init all-reduced inside the first forward)
+    _run(_args(out, digits_root, "--quant_mode", "lsq", "--lsq_epochs", "1"), launcher=launcher)
+    summary = json.loads((_exp(out) / "lsq_summary.json").read_text())
+    digests = summary["state_sha256_per_rank"]
+    assert summary["world_size"] == 2 and len(digests) == 2 and digests[0] == digests[1]
+
+
+# --------------------------------------------------------------------------- errors
+def _exit(argv: list[str], capsys) -> tuple[int, list[str]]:
+    with pytest.raises(SystemExit) as e:
+        train_supernet.run_main(train_supernet.main, train_supernet.get_args_parser(), argv)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    return e.value.code, err
+
+
+@pytest.mark.parametrize("yaml_text, needle", [("epochs: 3\nbogus_key: 1\n", "bogus_key"),
+                                               ("epochs: three\n", "epochs"),
+                                               ("base_lr: [0.1]\n", "base_lr"),
+                                               ("epochs: [1\n", "not valid YAML")])
+def test_bad_yaml_is_one_error_line(tmp_path, capsys, yaml_text, needle):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml_text)
+    code, err = _exit(["-c", str(cfg), "--supernet_choice", ENC, "--output_dir", str(tmp_path)], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+def test_encoding_outside_the_superspace_is_one_error_line(tmp_path, capsys):
+    code, err = _exit(["--supernet_choice", "tiny-191122-000000", "--output_dir", str(tmp_path)], capsys)
+    assert code == 2 and len(err) == 1 and "stage2" in err[0], err
+    code, err = _exit(["--supernet_choice", "tiny-151122-090000", "--output_dir", str(tmp_path)], capsys)
+    assert code == 2 and len(err) == 1 and "window" in err[0], err
+
+
+def test_lsq_without_fp32_checkpoint_is_one_error_line(tmp_path, capsys):
+    code, err = _exit(["--supernet_choice", ENC, "--quant_mode", "lsq", "--output_dir", str(tmp_path)], capsys)
+    assert code == 2 and len(err) == 1 and "checkpoint.pth" in err[0] and "fp32" in err[0], err
+
+
+def test_cli_error_exit_code_in_a_real_process(tmp_path):
+    p = subprocess.run([sys.executable, str(REPO / "train_supernet.py"), "--supernet_choice", "nosuchspace-000000",
+                        "--output_dir", str(tmp_path)], cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "nosuchspace" in p.stderr
+
+
+def test_shipped_configs_parse():
+    for name in ("train.yaml", "tiny.yaml"):
+        args = train_supernet.get_args_parser()
+        ns = parse_args_with_config(
+            args, ["-c", str(REPO / "supernet_training_configs" / name), "--supernet_choice", ENC])
+        train_supernet.check_args(ns)
+    assert ns.epochs >= 1
+
+
+# --------------------------------------------------------------------------- step mechanics (in process)
+def test_sandwich_step_subnets_and_full_resolution_list():
+    """Max at the largest and min at the smallest resolution; the random subnets draw from the superspace's
+    whole supernet_hw_list (the original used only its upper part); the draws depend on (seed, step) only."""
+    torch.manual_seed(0)
+    net = supernet_from_encoding(ENC)
+    argv = ["--supernet_choice", ENC, "--batch_size_per_gpu", "2", "--epochs", "1", "--warmup_epochs", "0"]
+    args = train_supernet.get_args_parser().parse_args(argv)
+    trainer = train_supernet.Trainer(args, net, {"train": [None] * 20}, torch.device("cpu"), None, ENC)
+    seen = []
+    orig = net.forward
+
+    def spy(x):
+        seen.append((net.get_active_subnet_config(), x.shape[-1], net.logits.dropout.p))
+        return orig(x)
+
+    net.forward = spy
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    hw = net.hw_list
+    randoms = set()
+    for step in range(15):
+        seen.clear()
+        trainer.train_step(images, labels, False)
+        assert len(seen) == 4
+        (mx, r0, p0), *mid, (mn, r3, p3) = seen
+        assert mx == net.set_max_subnet() and r0 == max(hw) and p0 == args.dropout
+        assert mn == net.set_min_subnet() and r3 == min(hw) and p3 == 0.0
+        rng = step_rng(args.seed, step)
+        rng.getrandbits(62)
+        for cfg, res, p in mid:
+            assert cfg == net.sample_active_subnet(rng) and res == cfg.resolution and p == 0.0
+            randoms.add(cfg.resolution)
+    assert randoms == set(hw)
+    assert trainer.step == 15 and all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_engine_helpers_without_process_group():
+    f = warmup_cosine(total_steps=100, warmup_steps=10)
+    assert f(0) == pytest.approx(0.001) and f(10) == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(0.1 * 3.14159265)).item()), rel=1e-4)
+    assert f(100) == pytest.approx(0.0, abs=1e-12)
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    q = torch.nn.Parameter(torch.ones(2))
+    assert all_reduce_gradients([p, q], [1.0]) == [1.0]
+    assert torch.equal(p.grad, torch.full((3,), 2.0)) and q.grad is None
+    x = torch.randn(1, 3, 32, 32)
+    rc = ResizeCache(x)
+    assert rc(32) is x and rc(48) is rc(48) and rc(48).shape[-1] == 48
+    assert step_rng(3, 7).random() == step_rng(3, 7).random() != step_rng(3, 8).random()
