@@ -13,8 +13,9 @@ Examples::
 name, subnet, resolution, top-1, MMACs, Mparams (+ predicted latency with --latency_predictor).
 `--mode lat` needs no checkpoint or data: predicted latency per platform of `--latency_predictor`
 (per block with `--verbose`), `--random N` random subnets for a latency CDF plot, and with `--measure` the
-measured ONNX Runtime latency (FP32 and INT8; export + static quantization as `modules.export` does) —
-written to ``lat.csv`` (and ``latency_cdf.png``).
+latency measured on this machine for each measured platform (ort_int8, ort_fp32, tflite_int8, tflite_fp32;
+exported and timed as the predictor's table was, `modules.latency_predictor.measure_subnet`) and the
+relative error of the prediction — written to ``lat.csv`` (and ``latency_cdf.png``).
 """
 from __future__ import annotations
 
@@ -24,9 +25,7 @@ import io
 import logging
 import random
 import statistics
-import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ from modules.checkpoint import atomic_write_text
 from modules.cli import add_common_args, run_main, setup_logging
 from modules.subnet_search import (SubnetEvaluator, SubnetSpace, add_supernet_args, build_eval_batches,
                                    load_predictor_for, load_supernet_checkpoint, resolve_checkpoint,
-                                   resolve_data_args, resolve_subnet)
+                                   resolve_data, resolve_subnet)
 
 log = logging.getLogger("eval_supernet")
 
@@ -57,10 +56,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency_table_dir", default=None)
     p.add_argument("--verbose", action="store_true", help="lat: per-block predicted latency")
     p.add_argument("--random", type=int, default=0, help="lat: also N random subnets, with a latency CDF plot")
-    p.add_argument("--measure", action="store_true", help="lat: measure ONNX Runtime FP32 and INT8 latency")
-    p.add_argument("--threads", type=int, default=1, help="lat --measure: ORT intra-op threads")
-    p.add_argument("--warmup", type=int, default=20, help="lat --measure: warm-up runs")
-    p.add_argument("--runs", type=int, default=100, help="lat --measure: timed runs (median reported)")
+    p.add_argument("--measure", action="store_true",
+                   help="lat: also measure each subnet on the (measured) predictor platforms, the way the "
+                        "predictor's table was measured")
+    p.add_argument("--threads", type=int, default=1, help="lat --measure: threads (if the predictor has no setting)")
+    p.add_argument("--warmup", type=int, default=5, help="lat --measure: warm-up runs")
+    p.add_argument("--runs", type=int, default=20, help="lat --measure: minimum timed runs")
     p.add_argument("--csv", default=None, help="CSV path (default under <output_dir>/eval_supernet/<supernet>/)")
     add_common_args(p)
     return p
@@ -102,19 +103,18 @@ def _predictors(platforms: list[str], space: SubnetSpace, args, given: dict | No
 # ------------------------------------------------------------------------------------------ accuracy
 def eval_acc(args, predictor_platforms: list[str], predictors: dict | None = None) -> dict:
     from modules.counter import count_macs, count_params
-    from modules.data import prepare_default_data
-
-    resolve_data_args(args)
     ckpt_path = resolve_checkpoint(args)
     net, info = load_supernet_checkpoint(ckpt_path, args.supernet, args.device, log=log.warning)
     space = SubnetSpace(net.choice, net.hw_list)
     items = subnet_list(space, args)
-    data_dir = prepare_default_data(args.data_dir, size=max(space.hw_list))
+    resolve_data(args, info, log=log.warning)
+    data_dir = args.data_dir
     image_size = args.image_size or max(space.hw_list)
     calib, val, dinfo = build_eval_batches(
         data_dir, image_size, split=args.split, holdout_size=args.holdout_size,
         num_calib_batches=args.num_calib_batches, calib_batch_size=args.calib_batch_size,
-        batch_size=args.batch_size, seed=args.data_seed, workers=args.workers, hflip=args.hflip,
+        batch_size=args.batch_size, seed=args.data_seed, workers=args.workers, augment=args.calib_augment,
+        hflip=args.hflip,
         max_eval_images=args.max_eval_images, cache_limit_gb=args.cache_limit_gb, log=log.warning)
     log.info("%s (%s): %d %s images, BN calibration on %d train images", info["supernet"], info["quant_mode"],
              dinfo["eval_images"], args.split, dinfo["calib_images"])
@@ -141,43 +141,17 @@ def eval_acc(args, predictor_platforms: list[str], predictors: dict | None = Non
 
 
 # ------------------------------------------------------------------------------------------ latency
-def _ort_median_ms(path: str, shape: tuple, threads: int, warmup: int, runs: int) -> float:
-    import numpy as np
-    import onnxruntime as ort
+def measure(model: torch.nn.Module, platform: str, predictor, args) -> float:
+    """Measured latency (ms) of a standalone model on `platform`, exported and timed the way the latency
+    predictor's table was measured (`modules.latency_predictor.measure_subnet`, the predictor's settings)."""
+    from modules.latency_predictor import MeasureConfig, measure_subnet
 
-    ort.set_default_logger_severity(3)  # no graph-cleanup warnings
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-    for _ in range(warmup):
-        sess.run(None, {name: x})
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def measure_ort(model: torch.nn.Module, resolution: int, threads: int, warmup: int, runs: int) -> dict:
-    """Median ONNX Runtime latency (ms) of `model` exported as FP32 and as static-quantized INT8 (uint8
-    activations, int8 per-channel weights, QDQ; random calibration is fine for latency)."""
-    from modules.export import RandomCalibrationWarning, export_onnx, quantize_onnx_int8
-
-    with tempfile.TemporaryDirectory(prefix="eval_lat_") as d:
-        fp32, int8 = f"{d}/m.onnx", f"{d}/m_int8.onnx"
-        export_onnx(model.eval(), resolution, fp32)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RandomCalibrationWarning)
-            quantize_onnx_int8(fp32, int8, calib=None)
-        shape = (1, 3, resolution, resolution)
-        return {"ort_fp32": _ort_median_ms(fp32, shape, threads, warmup, runs),
-                "ort_int8": _ort_median_ms(int8, shape, threads, warmup, runs)}
+    mc = getattr(predictor, "mc", None)
+    if not isinstance(mc, MeasureConfig):
+        mc = MeasureConfig(threads=args.threads, min_runs=args.runs, warmup=args.warmup,
+                           clock="cpu" if args.threads == 1 else "wall")
+    stats = measure_subnet(model.eval(), platform, mc, min_runs=args.runs, warmup=args.warmup)
+    return float(stats[mc.stat])
 
 
 def eval_lat(args, platforms: list[str], predictors: dict | None = None) -> dict:
@@ -196,30 +170,35 @@ def eval_lat(args, platforms: list[str], predictors: dict | None = None) -> dict
     rng = random.Random(args.seed)
     predictors = _predictors(platforms, space, args, predictors)
     header = ["name", "resolution", "MMACs"] + [f"pred_{p}_ms" for p in predictors]
+    measured = []
     if args.measure:
-        header += ["meas_ort_fp32_ms", "meas_ort_int8_ms"] + [f"err_{p}" for p in predictors if p in ("ort_int8",
-                                                                                                         "ort_fp32")]
+        from modules.latency_predictor import MEASURED_PLATFORMS
+
+        measured = [p for p in predictors if p in MEASURED_PLATFORMS]
+        if not measured:
+            raise ValueError(f"--measure: none of the platforms {list(predictors)} is measured on a device; use "
+                             f"one of {', '.join(MEASURED_PLATFORMS)}")
+        header += [f"meas_{p}_ms" for p in measured] + [f"err_{p}" for p in measured]
     rows = []
     for name, cfg in items:
         net.set_active_subnet(cfg)
-        preds = [float(p.predict_subnet(net)) for p in predictors.values()]
-        row = [name, cfg.resolution, count_macs(net, (1, 3, cfg.resolution, cfg.resolution)) / 1e6] + preds
+        preds = {p: float(pred.predict_subnet(net)) for p, pred in predictors.items()}
+        row = [name, cfg.resolution, count_macs(net, (1, 3, cfg.resolution, cfg.resolution)) / 1e6] + \
+            list(preds.values())
         if args.verbose:
+            blocks = net.block_configs()
             for p, pred in predictors.items():
-                blocks = net.block_configs()
                 print(f"{name} ({p}):")
                 for b in blocks:
                     print(f"  {b['name']:<18} cin {b['cin']:>4} cout {b['cout']:>4} k {b['kernel']} e {b['expand']} "
                           f"s {b['stride']} hw {b['hw']:>3}: {float(pred.predict_blocks([b])):.4f} ms")
-                print(f"  total {preds[list(predictors).index(p)]:.4f} ms")
-        if args.measure:
+                print(f"  total {preds[p]:.4f} ms")
+        if measured:
             sub = net.get_active_subnet(preserve_weight=True)
-            meas = measure_ort(sub, cfg.resolution, args.threads, args.warmup, args.runs)
-            row += [meas["ort_fp32"], meas["ort_int8"]]
-            for p, v in zip(predictors, preds):
-                if p in ("ort_int8", "ort_fp32"):
-                    row.append(v / meas[p] - 1.0)
-            log.info("%s: measured ORT fp32 %.3f ms, int8 %.3f ms", name, meas["ort_fp32"], meas["ort_int8"])
+            meas = {p: measure(sub, p, predictors[p], args) for p in measured}
+            row += list(meas.values()) + [preds[p] / meas[p] - 1.0 for p in measured]
+            log.info("%s: %s", name, ", ".join(f"{p} predicted {preds[p]:.3f} ms, measured {meas[p]:.3f} ms"
+                                               for p in measured))
         rows.append(row + [str(cfg)])
     print(format_table(header, [r[:-1] for r in rows]))
     root = Path(args.output_dir) / "eval_supernet" / info["supernet"]

@@ -22,7 +22,7 @@ import torch
 
 from modules.cli import add_common_args, run_main, setup_logging
 from modules.subnet_search import (SubnetSpace, add_supernet_args, build_calib_batches, load_subnet_checkpoint,
-                                   load_supernet_checkpoint, resolve_checkpoint, resolve_data_args, resolve_subnet,
+                                   load_supernet_checkpoint, resolve_checkpoint, resolve_data, resolve_subnet,
                                    save_subnet_checkpoint)
 
 log = logging.getLogger("export_subnet")
@@ -50,7 +50,6 @@ def default_output(output_dir: str, supernet: str, subnet: str) -> Path:
 
 
 def main(args) -> dict:
-    from modules.data import prepare_default_data
     from modules.engine import calibrate_bn
 
     setup_logging(None, "export_subnet")
@@ -60,26 +59,21 @@ def main(args) -> dict:
             saved = json.loads(Path(args.subnet).read_text()).get("data")
         except (json.JSONDecodeError, AttributeError):
             saved = None  # resolve_subnet reports a malformed file
-    data_args = resolve_data_args(args, saved)
-    if saved:
-        log.info("BN calibration settings of the search: %s", data_args)
-        args.image_size = args.image_size or saved.get("image_size")
-        args.hflip = args.hflip or bool(saved.get("hflip"))
     ckpt_path = resolve_checkpoint(args)
     net, info = load_supernet_checkpoint(ckpt_path, args.supernet, args.device, log=log.warning)
     space = SubnetSpace(net.choice, net.hw_list)
     cfg = resolve_subnet(space, args.subnet)
     net.set_active_subnet(cfg)
     seen = 0
-    data_dir = None
+    data = resolve_data(args, info, saved, log=log.warning) if not args.no_calib or args.eval else {}
+    if saved:
+        log.info("BN calibration settings of the search: %s", data)
     image_size = args.image_size or max(space.hw_list)
-    if not args.no_calib or args.eval:
-        data_dir = prepare_default_data(args.data_dir, size=max(space.hw_list))
     if not args.no_calib:
-        calib, _, dinfo = build_calib_batches(data_dir, image_size, holdout_size=args.holdout_size,
+        calib, _, dinfo = build_calib_batches(args.data_dir, image_size, holdout_size=args.holdout_size,
                                               num_calib_batches=args.num_calib_batches,
                                               calib_batch_size=args.calib_batch_size, seed=args.data_seed,
-                                              workers=args.workers, hflip=args.hflip)
+                                              workers=args.workers, augment=args.calib_augment, hflip=args.hflip)
         seen = calibrate_bn(net, calib, len(calib), args.device)
         log.info("BN statistics recalibrated on %d training images", seen)
     else:
@@ -87,7 +81,7 @@ def main(args) -> dict:
     sub = net.get_active_subnet(preserve_weight=True).eval()
     out = Path(args.output) if args.output else default_output(args.output_dir, info["supernet"], str(cfg))
     save_subnet_checkpoint(sub, out, source_checkpoint=str(ckpt_path), bn_calibration_images=int(seen),
-                           data_seed=args.data_seed, data_dir=str(data_dir) if data_dir else None)
+                           data=data)
     # round trip: the reloaded file computes what the supernet computes with the subnet active
     model = load_subnet_checkpoint(out, args.device)
     x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(args.device)
@@ -101,7 +95,7 @@ def main(args) -> dict:
         from modules.data import build_dataset, build_loader
         from modules.engine import evaluate_top1
 
-        val = build_loader(build_dataset(data_dir, "val", train=False, image_size=image_size), args.batch_size,
+        val = build_loader(build_dataset(args.data_dir, "val", train=False, image_size=image_size), args.batch_size,
                            train=False, workers=args.workers)
         result["val_top1"] = evaluate_top1(model, val, args.device)
         log.info("val top-1 %.2f %%", result["val_top1"])

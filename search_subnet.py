@@ -36,9 +36,9 @@ import torch
 
 from modules.checkpoint import atomic_write_text
 from modules.cli import add_common_args, run_main, save_run_info, setup_logging
-from modules.subnet_search import (LatencyOracle, SearchSettings, SubnetEvaluator, SubnetSpace, add_supernet_args,
-                                   build_eval_batches, load_predictor_for, load_supernet_checkpoint,
-                                   resolve_checkpoint, resolve_data_args, run_subnet_search,
+from modules.subnet_search import (WINDOW_SEED_OFFSET, LatencyOracle, SearchSettings, SubnetEvaluator, SubnetSpace,
+                                   add_supernet_args, build_eval_batches, check_window, load_predictor_for,
+                                   load_supernet_checkpoint, resolve_checkpoint, resolve_data, run_subnet_search,
                                    sample_in_window)
 
 log = logging.getLogger("search_subnet")
@@ -211,12 +211,9 @@ def plot_pareto(outcomes: list, path: Path, platform: str, baselines: dict | Non
 
 # ------------------------------------------------------------------------------------------ main
 def main(args, predictor=None) -> dict:
-    from modules.data import prepare_default_data
-
     t_start = time.perf_counter()
     settings = settings_from_args(args)
     settings.check()
-    resolve_data_args(args)
     if args.latency_delta < 0:
         raise ValueError(f"--latency_delta {args.latency_delta} must be >= 0")
     if args.resume and args.fresh:
@@ -235,14 +232,19 @@ def main(args, predictor=None) -> dict:
         predictor = load_predictor_for(args.latency_predictor, net.space.name, args.latency_table_dir)
     space = SubnetSpace(net.choice, net.hw_list)
     lat = LatencyOracle(net, predictor)
+    for target in args.latency_constraint:  # fail fast, before loading any data
+        if not (args.resume and (target_dir(root, target, args.latency_delta) / "state.json").is_file()):
+            check_window(space, lat, target - args.latency_delta, target,
+                         random.Random(args.seed + WINDOW_SEED_OFFSET), settings.max_tries, args.latency_predictor)
 
-    data_dir = prepare_default_data(args.data_dir, size=max(space.hw_list))
+    data = resolve_data(args, net_info, log=log.warning)
+    data_dir = args.data_dir
     image_size = args.image_size or max(space.hw_list)
     t0 = time.perf_counter()
     calib, holdout, data_info = build_eval_batches(
         data_dir, image_size, split="holdout", holdout_size=args.holdout_size, num_calib_batches=args.num_calib_batches,
         calib_batch_size=args.calib_batch_size, batch_size=args.batch_size, seed=args.data_seed, workers=args.workers,
-        hflip=args.hflip, cache_limit_gb=args.cache_limit_gb, log=log.warning)
+        augment=args.calib_augment, hflip=args.hflip, cache_limit_gb=args.cache_limit_gb, log=log.warning)
     log.info("fitness data: %d held-out train images, %d BN-calibration images (%.1f s)",
              data_info["eval_images"], data_info["calib_images"], time.perf_counter() - t0)
     evaluator = SubnetEvaluator(net, calib, holdout, args.device, args.cache_limit_gb)
@@ -258,10 +260,8 @@ def main(args, predictor=None) -> dict:
             val_evaluator = SubnetEvaluator(net, calib, val, args.device, args.cache_limit_gb)
         return val_evaluator
 
-    data_config = {"checkpoint": str(Path(ckpt_path).resolve()), "data_dir": str(Path(data_dir).resolve()),
-                   "image_size": image_size, "holdout_size": data_info["holdout_size"],
-                   "num_calib_batches": args.num_calib_batches, "calib_batch_size": args.calib_batch_size,
-                   "data_seed": args.data_seed, "hflip": args.hflip}
+    data_config = dict(data, checkpoint=str(Path(ckpt_path).resolve()), data_dir=str(Path(data_dir).resolve()),
+                       image_size=image_size, holdout_size=data_info["holdout_size"])
     fitness_cache: dict[str, float] = {}
     results, outcomes, baselines = {}, [], {}
     for target in args.latency_constraint:

@@ -38,6 +38,7 @@ from modules.encoding import SubnetConfig, SupernetChoice, parse_subnet, parse_s
 from modules.superspace import SUBNET_STAGES
 
 SUBNET_CKPT_VERSION = 1
+WINDOW_SEED_OFFSET = 7919  # rng of the window check, apart from the search rng
 
 
 def _float_or_none(e):
@@ -212,18 +213,20 @@ def sample_in_window(space: SubnetSpace, lat: LatencyOracle, lo: float, hi: floa
 # ------------------------------------------------------------------------------------------ fitness data
 def build_calib_batches(data_dir: str | os.PathLike, image_size: int, *, holdout_size: int | None = None,
                         num_calib_batches: int = 20, calib_batch_size: int = 64, seed: int = 0, workers: int = 0,
-                        hflip: bool = False):
-    """(calib, holdout, info): a fixed list of `num_calib_batches` augmented train image tensors for BN
-    calibration, drawn (seeded) from the train images *not* held out, and the held-out train subset (eval
+                        augment: bool = False, hflip: bool = False):
+    """(calib, holdout, info): a fixed list of `num_calib_batches` train image tensors for BN calibration, drawn
+    (seeded) from the train images *not* held out — with eval transforms as `train_supernet.py` validates, or
+    with the training augmentation (`augment`, as the original) — and the held-out train subset (eval
     transforms; the fixed-seed permutation of `modules.data.split_holdout`)."""
     from modules.data import build_dataset, build_loader, calib_batches, split_holdout
 
-    train_aug = build_dataset(data_dir, "train", train=True, image_size=image_size, hflip=hflip)
-    n_train = len(train_aug)
+    train_eval = build_dataset(data_dir, "train", train=False, image_size=image_size)
+    train_calib = build_dataset(data_dir, "train", train=True, image_size=image_size, hflip=hflip) if augment \
+        else train_eval
+    n_train = len(train_eval)
     if holdout_size is None:
         holdout_size = min(10_000, max(1, n_train // 5))
-    train_eval = build_dataset(data_dir, "train", train=False, image_size=image_size)
-    calib_src, holdout = split_holdout(train_aug, holdout_size, seed=seed, holdout_dataset=train_eval)
+    calib_src, holdout = split_holdout(train_calib, holdout_size, seed=seed, holdout_dataset=train_eval)
     g_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # seeded augmentation; the batches are drawn once and kept
     try:
@@ -237,8 +240,9 @@ def build_calib_batches(data_dir: str | os.PathLike, image_size: int, *, holdout
 
 def build_eval_batches(data_dir: str | os.PathLike, image_size: int, *, split: str = "holdout",
                        holdout_size: int | None = None, num_calib_batches: int = 20, calib_batch_size: int = 64,
-                       batch_size: int = 64, seed: int = 0, workers: int = 0, hflip: bool = False,
-                       max_eval_images: int | None = None, cache_limit_gb: float = 4.0, log: Callable = print):
+                       batch_size: int = 64, seed: int = 0, workers: int = 0, augment: bool = False,
+                       hflip: bool = False, max_eval_images: int | None = None, cache_limit_gb: float = 4.0,
+                       log: Callable = print):
     """(calib, val, info): `calib` from `build_calib_batches`, `val` the evaluation batches [(images, labels)]:
     the held-out part of train (`split` "holdout") or the val split ("val").
 
@@ -252,7 +256,7 @@ def build_eval_batches(data_dir: str | os.PathLike, image_size: int, *, split: s
         raise ValueError(f"evaluation split {split!r}: expected 'holdout' or 'val'")
     calib, holdout, info = build_calib_batches(
         data_dir, image_size, holdout_size=holdout_size, num_calib_batches=num_calib_batches,
-        calib_batch_size=calib_batch_size, seed=seed, workers=workers, hflip=hflip)
+        calib_batch_size=calib_batch_size, seed=seed, workers=workers, augment=augment, hflip=hflip)
     eval_ds = holdout if split == "holdout" else build_dataset(data_dir, "val", train=False, image_size=image_size)
     if max_eval_images is not None and max_eval_images < len(eval_ds):
         eval_ds = Subset(eval_ds, list(range(int(max_eval_images))))
@@ -437,7 +441,7 @@ def run_subnet_search(space: SubnetSpace, lat: LatencyOracle, evaluator: Callabl
             f"iteration {(evo.driver_state or {}).get('iteration', 0)}")
     if not resumed:
         # fail fast (and never loop) when the window is out of reach; uses its own rng, not the engine's
-        check_window(space, lat, lo, hi, random.Random(seed + 7919), settings.max_tries, platform)
+        check_window(space, lat, lo, hi, random.Random(seed + WINDOW_SEED_OFFSET), settings.max_tries, platform)
     try:
         trajectory = topk_evolution(
             evo, random_candidate=space.random,
@@ -446,8 +450,7 @@ def run_subnet_search(space: SubnetSpace, lat: LatencyOracle, evaluator: Callabl
             iterations=settings.iterations, num_mutations=settings.num_mutations,
             num_crossovers=settings.num_crossovers, max_crossover_tries=settings.max_crossover_tries)
     except KeyboardInterrupt:
-        if state_path:
-            evo.save()
+        if state_path:  # the engine saved the state on its way out
             log(f"interrupted: state saved to {state_path}; continue with --resume")
         raise
     if not evo.history:
@@ -547,8 +550,10 @@ def load_supernet_checkpoint(path: str | os.PathLike, encoding: str | None = Non
             log(f"warning: {uninit} LSQ+ quantizers of {path} were never initialised; they will be set from the "
                 "first batch they see")
     net.to(device).eval()
+    args = ckpt.get("args") or {}
     info = {"path": str(path), "supernet": str(choice), "quant_mode": mode, "quant_preset": preset,
-            "num_classes": num_classes, "epoch": ckpt.get("epoch") if isinstance(ckpt, dict) else None}
+            "num_classes": num_classes, "epoch": ckpt.get("epoch"),
+            "args": args if isinstance(args, dict) else dict(vars(args))}
     return net, info
 
 
@@ -574,10 +579,14 @@ def add_supernet_args(p: argparse.ArgumentParser) -> None:
                    "<supernet>/lsq.pth, or checkpoint.pth with --quant_mode fp32)")
     p.add_argument("--quant_mode", choices=["lsq", "fp32"], default="lsq",
                    help="which default checkpoint to load (the mode itself is read from the checkpoint)")
-    p.add_argument("--data_dir", default="./checkpoints/data/digits", help="ImageFolder root with train/ and val/")
+    p.add_argument("--data_dir", default=None, help="ImageFolder root with train/ and val/ (default: the supernet "
+                   "training's data: its --data_path, or the digits set in <its output_dir>/data/digits)")
     p.add_argument("--image_size", type=_pos_int, default=None,
-                   help="loader image size (default: the superspace's largest resolution)")
-    p.add_argument("--hflip", action="store_true", help="random horizontal flips in the BN-calibration images")
+                   help="loader image size (default: the training's, else the superspace's largest resolution)")
+    p.add_argument("--calib_augment", action="store_true",
+                   help="BN-calibration images with the training augmentation (default: eval transforms, as "
+                        "train_supernet.py validates)")
+    p.add_argument("--hflip", action="store_true", help="with --calib_augment: random horizontal flips")
     p.add_argument("--num_calib_batches", type=_pos_int, default=None,
                    help=f"BN calibration batches (default {DATA_DEFAULTS['num_calib_batches']})")
     p.add_argument("--calib_batch_size", type=_pos_int, default=None,
@@ -586,26 +595,61 @@ def add_supernet_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=_nonneg_int, default=0)
     p.add_argument("--holdout_size", type=_pos_int, default=None,
                    help="train images held out for the search fitness; BN calibration never uses them "
-                        "(default: min(10000, 20%% of train))")
+                        "(default: the supernet training's --valid_size held-out images, else min(10000, 20%% "
+                        "of train))")
     p.add_argument("--data_seed", type=int, default=None,
-                   help="seed of the holdout permutation and of the calibration batches (default 0)")
+                   help="seed of the holdout permutation and of the calibration batches (default: the supernet "
+                        "training's --seed, else 0)")
     p.add_argument("--cache_limit_gb", type=float, default=4.0, help="memory for cached (resized) batches")
 
 
 DATA_DEFAULTS = {"num_calib_batches": 20, "calib_batch_size": 64, "holdout_size": None, "data_seed": 0}
 
 
-def resolve_data_args(args, saved: dict | None = None) -> dict:
-    """The BN-calibration data settings: flags given on the command line, else those `saved` with a search
-    result (so an exported subnet gets exactly the BN statistics its search fitness used), else defaults.
-    Also sets them on `args`."""
-    out = {}
+def resolve_data(args, net_info: dict, saved: dict | None = None, log: Callable | None = None) -> dict:
+    """The data settings of BN calibration and evaluation, each from: the command line, else `saved` (the
+    "data" of a search's best.json, so an exported subnet gets exactly the BN statistics its search fitness
+    used), else the supernet checkpoint's training args (its data, image size, and its held-out images:
+    `valid_size` with its `seed`, so the search fitness is measured on images the supernet never trained
+    on), else defaults. Sets them on `args` and returns them (JSON-able)."""
+    from modules.data import write_digits_imagefolder
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    saved = saved or {}
+    train = net_info.get("args") or {}
+    if args.data_dir:
+        data_dir = Path(args.data_dir)
+    elif saved.get("data_dir"):
+        data_dir = Path(saved["data_dir"])
+    elif train.get("data_path"):
+        data_dir = Path(train["data_path"])
+    else:  # train_supernet.py's default: the digits set under its output dir
+        data_dir = Path(train.get("output_dir") or args.output_dir) / "data" / "digits"
+        write_digits_imagefolder(data_dir, size=64)  # no-op when complete
+    args.data_dir = str(data_dir)
+    from_train = {}
+    if train.get("val_split", "holdout") == "holdout" and train.get("valid_size"):
+        from_train = {"holdout_size": int(train["valid_size"]), "data_seed": int(train.get("seed", 0))}
+    out = {"data_dir": str(data_dir)}
     for k, default in DATA_DEFAULTS.items():
         v = getattr(args, k, None)
-        if v is None and saved:
-            v = saved.get(k)
+        for src in (saved, from_train):
+            if v is None:
+                v = src.get(k)
         out[k] = default if v is None else v
         setattr(args, k, out[k])
+    if train.get("val_split") == "val":
+        log(f"the supernet {net_info.get('path', '')} was trained on every train image (val_split "
+            f"{train.get('val_split')!r}): the held-out images are not new to it")
+    elif from_train and (out["data_seed"] != from_train["data_seed"]
+                         or (out["holdout_size"] or 0) > from_train["holdout_size"]):
+        log(f"the holdout (size {out['holdout_size']}, seed {out['data_seed']}) is not within the supernet "
+            f"training's held-out images (size {from_train['holdout_size']}, seed {from_train['data_seed']}): "
+            "some were trained on")
+    args.image_size = args.image_size or saved.get("image_size") or train.get("image_size") or None
+    args.calib_augment = bool(getattr(args, "calib_augment", False) or saved.get("calib_augment"))
+    args.hflip = bool(args.hflip or saved.get("hflip"))
+    out.update(image_size=args.image_size, calib_augment=args.calib_augment, hflip=args.hflip)
     return out
 
 

@@ -251,3 +251,39 @@ def test_missing_checkpoint_is_a_clear_error(env, tmp_path):
 
     with pytest.raises(FileNotFoundError, match="supernet_training/tiny-123450-000000/checkpoint.pth"):
         search_subnet.main(_args(env, tmp_path), predictor=FakePredictor())
+
+
+def test_exported_best_scores_its_search_fitness(env, first_run, tmp_path):
+    """export_subnet on best.json reuses the search's BN-calibration data: same holdout top-1 as the search."""
+    import export_subnet
+    from modules.engine import evaluate_top1
+    from modules.subnet_search import build_eval_batches, load_subnet_checkpoint
+
+    out, _ = first_run
+    best_json = out / "search_subnet" / ENC / "c0.9_d0.5" / "best.json"
+    best = json.loads(best_json.read_text())
+    args = export_subnet.get_args_parser().parse_args(
+        ["--supernet", ENC, "--quant_mode", "fp32", "--output_dir", str(out), "--subnet", str(best_json),
+         "--output", str(tmp_path / "best.pth")])
+    export_subnet.main(args)
+    assert args.holdout_size == 24 and args.num_calib_batches == 1 and args.data_dir == best["data"]["data_dir"]
+    model = load_subnet_checkpoint(tmp_path / "best.pth")
+    _, holdout, _ = build_eval_batches(env["data"], 64, holdout_size=24, num_calib_batches=1, calib_batch_size=16,
+                                       batch_size=24)
+    assert evaluate_top1(model, holdout) == pytest.approx(best["fitness"], abs=1e-9)
+
+
+def test_data_defaults_follow_the_supernet_training(env, tmp_path):
+    import search_subnet
+    from modules.subnet_search import resolve_data
+
+    args = search_subnet.get_args_parser().parse_args(["--latency_constraint", "1", "--output_dir", str(tmp_path)])
+    info = {"args": {"data_path": str(env["data"]), "val_split": "holdout", "valid_size": 30, "seed": 3,
+                     "image_size": 48}}
+    d = resolve_data(args, info)
+    assert (d["data_dir"], d["holdout_size"], d["data_seed"], d["image_size"]) == (str(env["data"]), 30, 3, 48)
+    assert d["num_calib_batches"] == 20 and not d["calib_augment"]
+    args = search_subnet.get_args_parser().parse_args(["--latency_constraint", "1", "--holdout_size", "10",
+                                                       "--data_seed", "3", "--data_dir", str(env["data"])])
+    d = resolve_data(args, info, saved={"holdout_size": 99, "num_calib_batches": 4})
+    assert (d["holdout_size"], d["num_calib_batches"]) == (10, 4)  # flag > saved search settings > training
