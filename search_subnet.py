@@ -37,29 +37,15 @@ import torch
 from modules.checkpoint import atomic_write_text
 from modules.cli import add_common_args, run_main, save_run_info, setup_logging
 from modules.subnet_search import (WINDOW_SEED_OFFSET, LatencyOracle, SearchSettings, SubnetEvaluator, SubnetSpace,
-                                   add_supernet_args, build_eval_batches, check_window, load_predictor_for,
-                                   load_supernet_checkpoint, resolve_checkpoint, resolve_data, run_subnet_search,
-                                   sample_in_window)
+                                   _nonneg_int, _pos_int, add_supernet_args, build_eval_batches, check_window,
+                                   load_predictor_for, load_supernet_checkpoint, resolve_checkpoint, resolve_data,
+                                   run_subnet_search, sample_in_window)
 
 log = logging.getLogger("search_subnet")
 
 ORIGINAL = dict(population=512, iterations=20, num_mutations=128, num_crossovers=128)
 TINY = dict(population=32, iterations=5, num_mutations=8, num_crossovers=8)
 PLATFORMS = ("ort_int8", "ort_fp32", "tflite_int8", "tflite_fp32", "macs")
-
-
-def _pos_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
-    return v
 
 
 def _pos_float(text: str) -> float:
