@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -297,7 +298,7 @@ def main(args, predictor=None) -> dict:
                 ["subnet", "latency_ms", "holdout_top1", "val_top1"],
                 [[r["subnet"], f"{r['latency_ms']:.6f}", f"{r['fitness']:.4f}", f"{r['val_top1']:.4f}"]
                  for r in rows]))
-            med = sorted(r["val_top1"] for r in rows)[len(rows) // 2] if rows else float("nan")
+            med = statistics.median(r["val_top1"] for r in rows) if rows else float("nan")
             log.info("random baseline: %d in-window subnets, median val top-1 %.2f %%", len(rows), med)
         res = write_outputs(outcome, run_dir, net_info, args.latency_predictor, top_rows, data_config)
         if args.random_baseline:
