@@ -7,18 +7,21 @@ Example (digits demo, tiny superspace, two targets, small search)::
         --latency_constraint 0.8 1.2 --latency_delta 0.1 --tiny
     python search_subnet.py ... --resume          # continue a stopped search
 
-Fitness = top-1 of the subnet after BN recalibration (LSQ+ fake-quant when the checkpoint is LSQ+) on a split
-held out from the TRAIN images (`--holdout_size`, fixed-seed permutation); the val split is only used after the
-search, to report the top `--eval_top` subnets. Defaults as the original: population 512, 20 iterations, 256
-parents, 128 mutations + 128 crossovers, mutate prob 0.3, resolution mutate prob 0.5 (over the superspace's
-whole resolution list). `--tiny` gives a small search (population 32, 5 iterations, 8 + 8 children) unless
-those flags are given. Candidates outside the window are never evaluated (latency prediction is cheap); if no
-random subnet falls in the window after `--max_tries` draws, the run stops with the supernet's latency range.
+Fitness = top-1 of the subnet after BN recalibration (LSQ+ fake-quant when the checkpoint is LSQ+) on train
+images held out from training: by default exactly the supernet training's held-out images (its `--valid_size`
+and `--seed`), never the val split, which is only used after the search to report the top `--eval_top`
+subnets. BN-calibration batches and held-out images are loaded once, kept in memory and resized once per
+resolution. Defaults as the original: population 512, 20 iterations, 256 parents, 128 mutations + 128
+crossovers, mutate prob 0.3, resolution mutate prob 0.5 (over the superspace's whole resolution list), 20 BN
+calibration batches. `--tiny` gives a small search (population 32, 5 iterations, 8 + 8 children, 5 BN
+calibration batches) unless those flags are given. Candidates outside the window are never evaluated (latency
+prediction is cheap); if no random subnet falls in the window after `--max_tries` draws, the run stops at once
+with the supernet's latency range. `--random_baseline N` also scores N random in-window subnets.
 
 Outputs per target, under ``<output_dir>/search_subnet/<supernet>/c<c>_d<d>/``: ``history.csv`` (every
-evaluated subnet: index, iteration, subnet, predicted latency, fitness), ``best.json`` (the best subnet;
-usable by ``build_from_config`` / ``export_subnet.py --subnet_json``), ``top.csv`` (top subnets with val
-top-1), ``pareto.png`` (accuracy vs latency), ``state.json`` (for ``--resume``).
+evaluated subnet: index, iteration, subnet, predicted latency, fitness), ``best.json`` (the best subnet and the
+data settings; usable by ``build_from_config`` and by ``export_subnet.py --subnet best.json``), ``top.csv``
+(top subnets with val top-1), ``pareto.png`` (accuracy vs latency), ``state.json`` (for ``--resume``).
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ log = logging.getLogger("search_subnet")
 
 ORIGINAL = dict(population=512, iterations=20, num_mutations=128, num_crossovers=128)
 TINY = dict(population=32, iterations=5, num_mutations=8, num_crossovers=8)
+TINY_CALIB_BATCHES = 5  # --tiny: BN calibration on 5 batches (>= 160 images, the original's minimum)
 PLATFORMS = ("ort_int8", "ort_fp32", "tflite_int8", "tflite_fp32", "macs")
 
 
@@ -82,7 +86,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_crossover_tries", type=_pos_int, default=50)
     g.add_argument("--max_tries", type=_pos_int, default=5000,
                    help="draws per new candidate, and random draws to find the window before giving up")
-    g.add_argument("--tiny", action="store_true", help="small search for the demo (see above)")
+    g.add_argument("--tiny", action="store_true",
+                   help=f"small search for the demo (see above; also --num_calib_batches {TINY_CALIB_BATCHES})")
     p.add_argument("--eval_top", type=_nonneg_int, default=10, help="evaluate the top N on the val split at the end")
     p.add_argument("--random_baseline", type=_nonneg_int, default=0,
                    help="also evaluate N random in-window subnets (holdout and val) for comparison")
@@ -205,6 +210,8 @@ def main(args, predictor=None) -> dict:
         raise ValueError(f"--latency_delta {args.latency_delta} must be >= 0")
     if args.resume and args.fresh:
         raise ValueError("--resume and --fresh exclude each other")
+    if args.tiny and args.num_calib_batches is None:
+        args.num_calib_batches = TINY_CALIB_BATCHES
     torch.manual_seed(args.seed)
     ckpt_path = resolve_checkpoint(args)
     net, net_info = load_supernet_checkpoint(ckpt_path, args.supernet, args.device, log=log.warning)
