@@ -236,8 +236,8 @@ def entry_model_files(entries, model_dir, ext: str = ".onnx") -> list[tuple[str,
         for f in (fp32, int8):
             if not f.is_file():
                 where = f"{e.source}:{e.lineno}" if e.lineno else e.source
-                raise FileNotFoundError(f"model file {f} not found (for {where}: {e.name}); export it first "
-                                        f"({'onnx_tools/export_onnx.py' if ext == '.onnx' else 'tflite_tools/export_tflite.py'})")
+                script = "onnx_tools/export_onnx.py" if ext == ".onnx" else "tflite_tools/export_tflite.py"
+                raise FileNotFoundError(f"model file {f} not found (for {where}: {e.name}); export it first ({script})")
         out.append((e.name, fp32, int8))
     return out
 

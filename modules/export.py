@@ -148,7 +148,8 @@ def calib_loader_from_dir(root: str | os.PathLike, resolution, batch_size: int =
     crop r, ImageNet mean/std) unless `transform` is given."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"calibration dir {root} does not exist (expected an ImageFolder: root/<class>/<image>)")
+        raise FileNotFoundError(f"calibration dir {root} does not exist "
+                                "(expected an ImageFolder: root/<class>/<image>)")
     from torchvision import datasets
 
     h, w = _hw(resolution)
@@ -381,7 +382,8 @@ def quantize_onnx_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLik
     try:
         quantize_static(str(fp32_path), str(tmp), _Reader(), quant_format=formats[fmt.lower()],
                         per_channel=per_channel, reduce_range=_auto_reduce_range(reduce_range),
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method.lower()],
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=methods[method.lower()],
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
         os.replace(tmp, out)
     finally:
@@ -456,8 +458,9 @@ def export_tflite(model: nn.Module, resolution, path: str | os.PathLike, int8: b
     static ``quant_config`` (without it the file keeps float convs between Q/DQ pairs and runs ~7x
     slower). Weights computed from parameters (sliced elastic weights) are frozen into parameters
     first. litert-torch's quantizer annotates conv(+relu/relu6), linear, add, max/avg pooling only:
-    hardswish, sigmoid, mul (SE gates) and mean stay float between DEQUANTIZE/QUANTIZE ops. The int8 file has int8 input/output tensors; :func:`modules.benchmark.run_tflite`
-    (de)quantizes with the tensors' (scale, zero point). Returns the path.
+    hardswish, sigmoid, mul (SE gates) and mean stay float between DEQUANTIZE/QUANTIZE ops. The int8
+    file has int8 input/output tensors; :func:`modules.benchmark.run_tflite` (de)quantizes with the
+    tensors' (scale, zero point). Returns the path.
     """
     litert_torch = _import_litert_torch()
     h, w = _hw(resolution, model)
@@ -589,7 +592,8 @@ def collect_entries(input_csv: str | None = None, models: Sequence[str] = (),
     return entries
 
 
-def build_model_from_encoding(supernet_encoding: str, subnet_encoding: str, num_classes: int | None = None) -> nn.Module:
+def build_model_from_encoding(supernet_encoding: str, subnet_encoding: str,
+                              num_classes: int | None = None) -> nn.Module:
     """A plain eval-mode subnet with random weights (``.resolution`` set), via
     ``modules.supernet.build_subnet`` (imported here so the export tools work without it)."""
     try:

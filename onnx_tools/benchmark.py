@@ -43,7 +43,8 @@ def add_benchmark_args(p: argparse.ArgumentParser, default_model_dir: str, ext: 
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("onnx benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("onnx benchmark", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_benchmark_args(p, DEFAULT_MODEL_DIR, ".onnx")
     add_common_args(p)
     return p

@@ -44,7 +44,8 @@ def add_model_source_args(p: argparse.ArgumentParser) -> None:
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("export_onnx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("export_onnx", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_source_args(p)
     p.add_argument("--format", choices=["qdq", "qoperator"], default="qdq", help="INT8 ONNX format (default: qdq)")
     p.add_argument("--per_tensor", action="store_true", help="per-tensor weights (default: per-channel)")

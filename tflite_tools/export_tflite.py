@@ -31,7 +31,8 @@ DEFAULT_OUTPUT_DIR = "./checkpoints/tflite_models"
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("export_tflite", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("export_tflite", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_source_args(p)
     p.add_argument("--per_tensor", action="store_true", help="per-tensor int8 weights (default: per-channel)")
     p.add_argument("--no_int8", action="store_true", help="export fp32 only")
