@@ -7,6 +7,7 @@ width is read from the tensor. A block built with single-choice lists is a stati
 from __future__ import annotations
 
 import torch.nn as nn
+import torch.nn.functional as F
 
 from modules.ops import DynamicConvBNAct, DynamicLinear, DynamicSE, build_act, se_mid
 from modules.superspace import BlockSpec, make_divisible
@@ -226,7 +227,7 @@ class FeatureMix(FirstConv):
     """Global average pool, then 1x1 conv + BN + act."""
 
     def forward(self, x):
-        return super().forward(x.mean((2, 3), keepdim=True))
+        return super().forward(F.adaptive_avg_pool2d(x, 1))
 
 
 class Logits(DynamicBlock):

@@ -113,7 +113,8 @@ class DynamicSE(nn.Module):
     def forward(self, x):
         self.reduce.active_out_channels = self.active_mid
         self.expand.active_out_channels = x.shape[1]
-        s = self.gate(self.expand(self.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
+        # global average pooling (not .mean): ONNX GlobalAveragePool, which ORT runs in int8
+        s = self.gate(self.expand(self.relu(self.reduce(F.adaptive_avg_pool2d(x, 1)))))
         return x * s
 
 
