@@ -3,12 +3,12 @@ scored by the Q-T score computed from the block-KD LUTs only.
 
 Example (search, then score given spaces)::
 
-    python search_block_kd.py --superspace onnxw --lut_dir checkpoints/block_lut \\
+    python search_block_kd.py --superspace onnxw --lut_dir checkpoints/lut \\
         --latency_constraints 15 20 --output_dir checkpoints
-    python search_block_kd.py --superspace onnxw --lut_dir checkpoints/block_lut \\
+    python search_block_kd.py --superspace onnxw --lut_dir checkpoints/lut \\
         --latency_constraints 15 20 --score_only onnxw-151122-023231 onnxw-151122-000000
 
-Outputs under ``<output_dir>/space_search/<superspace>/c<c1+c2..>_t<t>_a<a>/``: ``ranked.csv`` (every
+Outputs under ``<output_dir>/space_search/<superspace>[_fp32]/c<c1+c2..>_t<t>_a<a>/``: ``ranked.csv`` (every
 evaluated space, best first), ``history.csv`` (one line per evaluation), ``score.png``, ``result.yaml``
 (best encoding), ``args.yaml`` (reusable with ``-c``) and ``state.json`` (for ``--resume``; ``--cycles``
 may be raised on resume).
@@ -50,7 +50,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("search_block_kd", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--superspace", required=True, choices=sorted(SUPERSPACES))
-    p.add_argument("--lut_dir", default="checkpoints/block_lut", help="holds <superspace>/stage{X}_{B}_{W}.csv")
+    p.add_argument("--lut_dir", default="checkpoints/lut",
+                   help="holds <superspace>/stage{X}_{B}_{W}.csv (eval_block_kd.py writes <output_dir>/lut)")
+    p.add_argument("--fp32_lut", action="store_true", help="read <lut_dir>/<superspace>_fp32 (LUT of fp32 block KD)")
     p.add_argument("--hw_list", type=_positive_int, nargs="+", default=None,
                    help="resolutions to sample (default: the superspace's block-KD resolutions found in the LUT)")
     p.add_argument("--latency_constraints", type=_positive_float, nargs="+", required=True, help="ms")
@@ -134,7 +136,7 @@ def run_search(scorer: QTScorer, space: SuperSpace, population: int = 500, paren
 # ----------------------------------------------------------------------------------------- outputs
 def run_dir_for(args) -> str:
     cons = "+".join(f"{c:g}" for c in args.latency_constraints)
-    return os.path.join(args.output_dir, "space_search", args.superspace,
+    return os.path.join(args.output_dir, "space_search", args.superspace + ("_fp32" if args.fp32_lut else ""),
                         f"c{cons}_t{args.latency_loss_t:g}_a{args.latency_loss_a:g}")
 
 
@@ -226,9 +228,10 @@ def main(args) -> dict:
     choices = [_parse_choice(c, space) for c in args.score_only] if args.score_only else None
     fixed = load_fixed_latency(args.fixed_latency_csv) if args.fixed_latency_csv else None
     t0 = time.perf_counter()
-    lut = load_lut_dir(args.lut_dir, space, args.hw_list)
+    lut_sub = space.name + ("_fp32" if args.fp32_lut else "")
+    lut = load_lut_dir(args.lut_dir, space, args.hw_list, subdir=lut_sub)
     t_load = time.perf_counter() - t0
-    print(f"LUT {os.path.join(args.lut_dir, space.name)}: {len(lut.tables)} files, {lut.num_rows} rows, "
+    print(f"LUT {os.path.join(args.lut_dir, lut_sub)}: {len(lut.tables)} files, {lut.num_rows} rows, "
           f"resolutions {list(lut.resolutions)} ({t_load:.1f} s)")
     scorer = QTScorer(lut, args.latency_constraints, t=args.latency_loss_t, a=args.latency_loss_a,
                       top_k=args.top_k, num_samples=args.num_samples, chunk=args.chunk_size,
@@ -253,7 +256,8 @@ def main(args) -> dict:
         print(f"scores written to {os.path.join(run_dir, 'score_only.csv')}")
         return {"scores": {r.key: r.score for r in recs}}
 
-    config = {"superspace": space.name, "lut_dir": os.path.abspath(args.lut_dir), "hw_list": list(scorer.resolutions),
+    config = {"superspace": space.name, "lut_dir": os.path.abspath(os.path.join(args.lut_dir, lut_sub)),
+              "hw_list": list(scorer.resolutions),
               "latency_constraints": list(scorer.constraints), "t": scorer.t, "a": scorer.a, "top_k": scorer.top_k,
               "num_samples": scorer.num_samples, "chunk": scorer.chunk, "seed": args.seed,
               "fixed_latency": {str(k): v for k, v in scorer.fixed_latency.items()},

@@ -218,12 +218,14 @@ def _fill(evo: Evolution, population: list, target: int, budget: int, random_can
 
 def aging_evolution(evo: Evolution, *, initial: list, random_candidate: Callable, mutations: list[Callable],
                     population_size: int, parent_size: int, cycles: int, max_stale: int = 1000) -> list[Record]:
-    """Aging (regularized) evolution, spec §7.3. `cycles` bounds the history length (initial population
-    included); as in the original, the last step may overshoot it by up to len(mutations) - 1 so that a
-    step is never cut short (which keeps resumed runs identical to uninterrupted ones). Seeds the population with `initial`, fills it with random candidates, then per step: a
-    tournament of `parent_size` picks the parent; each operator of `mutations` makes one child, which, if
-    new, is evaluated, appended, and the oldest member is popped. Stops after `max_stale` steps in a row
-    without a new child. Returns the history."""
+    """Aging (regularized) evolution, spec §7.3.
+
+    Seeds the population with `initial`, fills it with random candidates, then per step: a tournament of
+    `parent_size` picks the parent; each operator of `mutations` makes one child, which, if new, is
+    evaluated and appended while the oldest member is popped. `cycles` bounds the history length (initial
+    population included); as in the original, the last step may overshoot it by up to len(mutations) - 1,
+    so a step is never cut short (which keeps resumed runs identical to uninterrupted ones). Stops after
+    `max_stale` steps in a row without a new child. Returns the history."""
     if population_size < 1 or parent_size < 1 or cycles < 1:
         raise ValueError(f"aging evolution: population {population_size}, parents {parent_size} and cycles "
                          f"{cycles} must be >= 1")

@@ -119,7 +119,8 @@ class _SubStageChecker:
         self.spec = space.candidates[block]
         self.stage = space.stage(SEARCHABLE[stage_idx - 1])
         self.window = self.stage.window(window)
-        self.tokens = {f"{k}#{w}#{e}" for k in self.spec.kernel_list for w in self.window for e in self.spec.expand_list}
+        self.tokens = {f"{k}#{w}#{e}" for k in self.spec.kernel_list for w in self.window
+                       for e in self.spec.expand_list}
         self.depths = set(self.stage.depth_list)
 
     def check(self, text: str) -> None:
@@ -254,19 +255,22 @@ def expected_keys(superspace: str | SuperSpace) -> list[tuple[int, int, int]]:
             for b in range(len(space.candidates)) for w in range(st.num_windows)]
 
 
-def load_lut_dir(lut_dir: str, superspace: str | SuperSpace, hw_list: Sequence[int] | None = None) -> Lut:
-    """Load and validate ``<lut_dir>/<superspace>/stage{X}_{B}_{W}.csv`` for every (stage, block, window).
+def load_lut_dir(lut_dir: str, superspace: str | SuperSpace, hw_list: Sequence[int] | None = None,
+                 subdir: str | None = None) -> Lut:
+    """Load and validate ``<lut_dir>/<superspace>/stage{X}_{B}_{W}.csv`` for every (stage, block, window)
+    (`subdir` replaces ``<superspace>``, e.g. ``onnxw_fp32`` for the LUT of the fp32 block-KD models).
 
     Missing files raise one FileNotFoundError listing all of them. Every file must hold rows at every
     resolution of `hw_list` (default: the resolutions found in the files, which must then agree).
     """
     space = _space(superspace)
-    root = os.path.join(lut_dir, space.name)
+    root = os.path.join(lut_dir, subdir or space.name)
     if not os.path.isdir(root):
         hint = ""
         if os.path.isdir(lut_dir) and any(_FILE_RE.match(n) for n in os.listdir(lut_dir)):
             hint = f"; {lut_dir} itself holds stage*.csv files: pass its parent as the LUT dir"
-        raise FileNotFoundError(f"LUT dir {root} not found (expected <lut_dir>/<superspace>/stage{{X}}_{{B}}_{{W}}.csv){hint}")
+        raise FileNotFoundError(f"LUT dir {root} not found "
+                                f"(expected <lut_dir>/<superspace>/stage{{X}}_{{B}}_{{W}}.csv){hint}")
     keys = expected_keys(space)
     missing = [lut_key(*k) + ".csv" for k in keys if not os.path.isfile(os.path.join(root, lut_key(*k) + ".csv"))]
     if missing:
@@ -300,9 +304,9 @@ def write_synthetic_lut(out_dir: str, superspace: str | SuperSpace, rows_per_fil
     """Write a complete synthetic LUT under ``<out_dir>/<superspace>/``; returns that directory.
 
     Sub-stages are sampled as in the LUT build (depth, k, e uniform, widths uniform in the window, CIN
-    uniform over the previous stage's full list; each resolution gets 1/3 of the rows, shuffled). NSR falls and latency rises with
-    the sub-stage's capacity; each (stage, block) gets a random quality/cost factor, so the best space is
-    not trivial. Value ranges resemble the shipped onnxw LUT (spec §12.3). Deterministic in `seed`.
+    uniform over the previous stage's full list; each resolution gets 1/3 of the rows, shuffled). NSR
+    falls and latency rises with the sub-stage's capacity; each (stage, block) gets a random quality/cost
+    factor, so the best space is not trivial. Value ranges resemble the shipped onnxw LUT (spec §12.3). Deterministic in `seed`.
     """
     space = _space(superspace)
     if rows_per_file < len(space.block_kd_hw_list):

@@ -148,7 +148,9 @@ class QTScorer:
                              f"(given: {sorted(fixed_latency)})")
         self.fixed_latency = {r: float(fixed_latency[r]) for r in self.resolutions}
         n_chunks = self.num_samples // self.chunk
-        self.draws = draws if draws is not None else Draws.make(seed, len(self.resolutions), self.num_samples, self.chunk)
+        if draws is None:
+            draws = Draws.make(seed, len(self.resolutions), self.num_samples, self.chunk)
+        self.draws = draws
         if self.draws.u.shape != (n_chunks, NUM_STAGES, self.chunk) or self.draws.res_idx.shape != (n_chunks,):
             raise ValueError(f"Q-T score: draws of shape {self.draws.u.shape} do not match "
                              f"{(n_chunks, NUM_STAGES, self.chunk)}")

@@ -71,7 +71,8 @@ def test_vectorised_equals_reference(tmp_path):
     write_synthetic_lut(str(tmp_path), "tiny", rows_per_file=60, seed=3)
     lut = load_lut_dir(str(tmp_path), "tiny")
     fixed = {32: 0.5, 48: 0.7, 64: 1.1}
-    scorer = QTScorer(lut, [12.0, 18.0], t=0.08, a=0.01, top_k=20, num_samples=3000, chunk=100, fixed_latency=fixed, seed=5)
+    scorer = QTScorer(lut, [12.0, 18.0], t=0.08, a=0.01, top_k=20, num_samples=3000, chunk=100,
+                      fixed_latency=fixed, seed=5)
     rng = np.random.default_rng(0)
     for _ in range(5):
         b = tuple(int(v) for v in rng.integers(0, 6, 6))
@@ -217,6 +218,13 @@ def test_cli_bad_input_one_line(tmp_path, capsys, extra, message):
 def test_cli_missing_lut_dir(tmp_path, capsys):
     assert run_cli(_cli(tmp_path, str(tmp_path / "nope"), "--cycles", "5")) == 2
     assert "not found" in capsys.readouterr().err
+    lut_root = str(tmp_path / "lut")
+    write_synthetic_lut(lut_root, "tiny", rows_per_file=6, seed=0)
+    assert run_cli(_cli(tmp_path, lut_root, "--cycles", "5", "--fp32_lut")) == 2
+    assert "lut/tiny_fp32 not found" in capsys.readouterr().err
+    os.rename(os.path.join(lut_root, "tiny"), os.path.join(lut_root, "tiny_fp32"))
+    assert run_cli(_cli(tmp_path, lut_root, "--cycles", "30", "--fp32_lut")) == 0
+    assert (tmp_path / "out" / "space_search" / "tiny_fp32" / "c15+20_t0.08_a0.01" / "ranked.csv").is_file()
     with pytest.raises(SystemExit):
         search_block_kd.get_args_parser().parse_args(["--superspace", "big", "--latency_constraints", "5"])
     with pytest.raises(SystemExit):
