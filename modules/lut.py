@@ -310,7 +310,8 @@ def write_synthetic_lut(out_dir: str, superspace: str | SuperSpace, rows_per_fil
     """
     space = _space(superspace)
     if rows_per_file < len(space.block_kd_hw_list):
-        raise ValueError(f"synthetic LUT: rows_per_file {rows_per_file} < {len(space.block_kd_hw_list)} resolutions")
+        raise ValueError(f"synthetic LUT: rows_per_file {rows_per_file} < "
+                         f"{len(space.block_kd_hw_list)} resolutions")
     rng = np.random.default_rng(seed)
     n_blocks = len(space.candidates)
     quality = rng.uniform(0.85, 1.2, size=(6, n_blocks))  # nsr multiplier
