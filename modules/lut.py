@@ -306,7 +306,8 @@ def write_synthetic_lut(out_dir: str, superspace: str | SuperSpace, rows_per_fil
     Sub-stages are sampled as in the LUT build (depth, k, e uniform, widths uniform in the window, CIN
     uniform over the previous stage's full list; each resolution gets 1/3 of the rows, shuffled). NSR
     falls and latency rises with the sub-stage's capacity; each (stage, block) gets a random quality/cost
-    factor, so the best space is not trivial. Value ranges resemble the shipped onnxw LUT (spec §12.3). Deterministic in `seed`.
+    factor, so the best space is not trivial. Value ranges resemble the shipped onnxw LUT (spec §12.3).
+    Deterministic in `seed`.
     """
     space = _space(superspace)
     if rows_per_file < len(space.block_kd_hw_list):
