@@ -166,12 +166,14 @@ def _make_imagefolder_class():
 _IMAGEFOLDER_CLS = None
 
 
-def build_transform(train: bool, image_size: int, hflip: bool = False):
-    """Train: RandomResizedCrop(scale 0.35..1) [+ flip]; eval: Resize(size/0.875) + CenterCrop; ImageNet norm."""
+def build_transform(train: bool, image_size: int, hflip: bool = False, min_scale: float = 0.35):
+    """Train: RandomResizedCrop(scale min_scale..1) [+ flip]; eval: Resize(size/0.875) + CenterCrop; ImageNet norm."""
     _, T = _torchvision()
     bilinear = T.InterpolationMode.BILINEAR
     if train:
-        ops = [T.RandomResizedCrop(image_size, scale=(0.35, 1.0), interpolation=bilinear)]
+        if not 0.0 < min_scale <= 1.0:
+            raise ValueError(f"crop min_scale {min_scale}: expected a number in (0, 1]")
+        ops = [T.RandomResizedCrop(image_size, scale=(min_scale, 1.0), interpolation=bilinear)]
         if hflip:
             ops.append(T.RandomHorizontalFlip())
     else:
@@ -180,7 +182,8 @@ def build_transform(train: bool, image_size: int, hflip: bool = False):
     return T.Compose(ops)
 
 
-def build_dataset(root: str | os.PathLike, split: str, train: bool, image_size: int, hflip: bool = False):
+def build_dataset(root: str | os.PathLike, split: str, train: bool, image_size: int, hflip: bool = False,
+                  min_scale: float = 0.35):
     """ImageFolder over ``root/split`` with train or eval transforms. ``hflip`` adds random horizontal flips
     (off by default: digits must not be mirrored; turn it on for natural images such as ImageNet)."""
     global _IMAGEFOLDER_CLS
@@ -189,7 +192,7 @@ def build_dataset(root: str | os.PathLike, split: str, train: bool, image_size: 
     path = _check_imagefolder(Path(root), split)
     if _IMAGEFOLDER_CLS is None:
         _IMAGEFOLDER_CLS = _make_imagefolder_class()
-    return _IMAGEFOLDER_CLS(str(path), transform=build_transform(train, int(image_size), hflip))
+    return _IMAGEFOLDER_CLS(str(path), transform=build_transform(train, int(image_size), hflip, min_scale))
 
 
 def split_holdout(dataset: Dataset, holdout_size: int, seed: int = 0,
