@@ -28,7 +28,7 @@ from modules.cli import run_main, save_run_info
 from modules.encoding import SupernetChoice, parse_supernet
 from modules.evolution import Evolution, aging_evolution
 from modules.lut import load_lut_dir
-from modules.qt_score import QTScorer, load_fixed_latency
+from modules.qt_score import QTScorer, fixed_stage_latency, load_fixed_latency
 from modules.superspace import SUPERSPACES, SuperSpace, get_superspace
 
 
@@ -63,6 +63,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk_size", type=_positive_int, default=500, help="samples per drawn resolution")
     p.add_argument("--fixed_latency_csv", default=None,
                    help="lines resolution,latency_ms: latency of first_conv, stage0 and head (default 0)")
+    p.add_argument("--latency_predictor", default=None,
+                   choices=["ort_int8", "ort_fp32", "tflite_int8", "tflite_fp32"],
+                   help="predict the first_conv/stage0/head latency per resolution with this platform's table "
+                        "(spec §7.1) instead of --fixed_latency_csv")
+    p.add_argument("--latency_table_dir", default=None, help="dir of <platform>.json (build_latency_table.py)")
     p.add_argument("--population", type=_positive_int, default=500)
     p.add_argument("--parents", type=_positive_int, default=125, help="tournament size")
     p.add_argument("--cycles", type=_positive_int, default=5000, help="evaluations, initial population included")
@@ -226,7 +231,14 @@ def main(args) -> dict:
     if args.num_samples % args.chunk_size:
         raise ValueError(f"--num_samples {args.num_samples} must be a multiple of --chunk_size {args.chunk_size}")
     choices = [_parse_choice(c, space) for c in args.score_only] if args.score_only else None
+    if args.fixed_latency_csv and args.latency_predictor:
+        raise ValueError("give either --fixed_latency_csv or --latency_predictor, not both")
     fixed = load_fixed_latency(args.fixed_latency_csv) if args.fixed_latency_csv else None
+    if args.latency_predictor:
+        from modules.latency_predictor import load_predictor
+        predictor = load_predictor(args.latency_predictor, space.name, args.latency_table_dir)
+        fixed = fixed_stage_latency(predictor, space)
+        print("fixed-stage latency (ms) per resolution:", {r: round(v, 4) for r, v in fixed.items()})
     t0 = time.perf_counter()
     lut_sub = space.name + ("_fp32" if args.fp32_lut else "")
     lut = load_lut_dir(args.lut_dir, space, args.hw_list, subdir=lut_sub)

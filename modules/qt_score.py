@@ -66,6 +66,24 @@ def load_fixed_latency(path: str) -> dict[int, float]:
     return out
 
 
+def fixed_stage_latency(predictor, space) -> dict[int, float]:
+    """L_fixed(R) of spec §7.1: predicted latency of the parts block KD does not cover (first_conv, stage0,
+    final_expand, feature_mix, logits) in the min subnet of the all-zero supernet, per block-KD resolution.
+    The predictor's whole-network constant (`intercept_ms`) is counted here, once per sample."""
+    from modules.encoding import parse_supernet
+    from modules.supernet import SuperNet
+
+    net = SuperNet(parse_supernet(f"{space.name}-000000-000000"))
+    cfg = net.set_min_subnet()
+    n_stem = cfg.depths[0] + cfg.depths[1]
+    out = {}
+    for r in space.block_kd_hw_list:
+        net.active_resolution = r
+        blocks = net.block_configs()
+        out[r] = float(predictor.predict_blocks(blocks[:n_stem] + blocks[-3:]) + predictor.intercept_ms)
+    return out
+
+
 @dataclass(frozen=True)
 class Draws:
     """The scorer's random numbers: `res_idx` (n_chunks,) into the resolution list, `u` (n_chunks, 6, chunk)."""
