@@ -93,10 +93,14 @@ class SubnetConfig:
 
 
 def _ints(text: str, token: str, what: str) -> list[int]:
-    try:
-        return [int(v) for v in token.split("#")]
-    except ValueError:
-        raise ValueError(f"subnet {text!r}: {what} list {token!r} must hold '#'-separated integers") from None
+    out = []
+    for v in token.split("#"):
+        try:
+            out.append(int(v))
+        except ValueError:
+            raise ValueError(f"subnet {text!r}: {what} token {v!r} in {token!r} is not an integer "
+                             f"(the list must hold '#'-separated integers)") from None
+    return out
 
 
 def parse_subnet(text: str, supernet: SupernetChoice | None = None) -> SubnetConfig:

@@ -93,6 +93,10 @@ class ActQuantizer(_Quantizer):
     def init_from(self, x: torch.Tensor) -> None:
         lo = _all_reduce(x.detach().min().reshape(1).clone(), torch.distributed.ReduceOp.MIN)
         hi = _all_reduce(x.detach().max().reshape(1).clone(), torch.distributed.ReduceOp.MAX)
+        if self.integer_zero_point:
+            # an integer zero point in [0, 255] can only represent ranges that contain 0: without this,
+            # an all-positive input (e.g. a GAP of ReLU outputs) got zp 0 and was clipped at hi - lo
+            lo, hi = lo.clamp_max(0.0), hi.clamp_min(0.0)
         self.scale.copy_(((hi - lo) / (self.qmax - self.qmin)).clamp_min(1e-7))
         self.offset.copy_(lo)
         self.initialized.fill_(True)
