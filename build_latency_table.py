@@ -1,0 +1,157 @@
+"""Build (or resume) the block-latency table of a superspace on this device (issue 5, spec §11.1 replaced).
+
+1. Sample `--num_subnets` random subnets (random supernets of the superspace, or `--supernet`) plus the
+   max and min subnets at each resolution, and measure every distinct block they contain as a
+   standalone model (progress bar; saved every few blocks, so an interrupted build resumes where it
+   stopped: blocks already in the table are never measured again).
+2. Measure `--num_calib` whole subnets end to end (exported as deployed: torch ONNX export + ONNX
+   Runtime static quantization, or LiteRT) and fit the correction ``latency = a * sum(blocks) + b`` for
+   the superspace. Whole-model measurements are kept in the table too and reused on resume.
+
+Writes ``<output_dir>/latency/<platform>.json``; `modules.latency_predictor.load_predictor(platform,
+superspace, <output_dir>/latency)` reads it (blocks missing from the table are predicted by a
+per-block-type regression fitted on the measured ones).
+
+Example (the demo; ~1-2 min on 2 shared cores)::
+
+    python build_latency_table.py --superspace tiny --platform ort_int8 --output_dir checkpoints
+
+    # a larger table for the onnxw supernet found by the space search, FP32 too
+    python build_latency_table.py --superspace onnxw --supernet onnxw-151122-023231 --num_subnets 20 \\
+        --num_calib 20 --platform ort_fp32
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+log = logging.getLogger("build_latency_table")
+
+
+def get_args_parser():
+    from modules.latency_predictor import CLOCKS, MEASURED_PLATFORMS, STATS
+
+    p = argparse.ArgumentParser("Measure the block-latency table of a superspace on this device", add_help=True)
+    p.add_argument("--superspace", default="tiny", help="mobilew | onnxw | tiny")
+    p.add_argument("--platform", default="ort_int8", choices=MEASURED_PLATFORMS)
+    p.add_argument("--output_dir", default="./checkpoints", help="the table goes to <output_dir>/latency/<platform>.json")
+    p.add_argument("--supernet", action="append", default=[],
+                   help="sample subnets of this supernet encoding only (repeatable); default: random supernets")
+    p.add_argument("--num_subnets", type=int, default=6, help="random subnets per resolution (plus max and min)")
+    p.add_argument("--resolutions", type=int, nargs="+", default=None,
+                   help="default: the superspace's supernet resolutions")
+    p.add_argument("--num_calib", type=int, default=10, help="whole subnets measured end to end for the correction")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", default="cpu", choices=CLOCKS,
+                   help="cpu: thread CPU time (robust on a shared machine, 1 thread); wall: perf_counter")
+    p.add_argument("--stat", default="median", choices=STATS, help="statistic of the per-run times")
+    p.add_argument("--min_runs", type=int, default=15, help="timed runs per block (at least)")
+    p.add_argument("--min_time", type=float, default=0.03, help="measured seconds per block (at least)")
+    p.add_argument("--quant_format", default="qdq", choices=("qdq", "qoperator"), help="ort_int8 quantization format")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="print full tracebacks on errors")
+    return p
+
+
+def _check_args(args) -> None:
+    from modules.superspace import get_superspace
+
+    get_superspace(args.superspace)
+    for name in ("num_subnets", "num_calib", "min_runs"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if 0 < args.num_calib < 2:
+        raise ValueError("--num_calib must be 0 (no correction) or >= 2")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+
+
+def measure_calibration(pred, models: list[tuple[str, str]], superspace: str, progress: bool = True) -> list[dict]:
+    """Whole-model latency of each (supernet, subnet), reusing the ones already in the table."""
+    import torch
+    from tqdm import tqdm
+
+    from modules.latency_predictor import measure_subnet
+    from modules.supernet import build_subnet
+
+    torch.set_num_threads(1)
+    done = {(m["supernet"], m["subnet"]): m for m in pred.calibration if m.get("superspace") == superspace}
+    out = []
+    for sup, sub in tqdm(models, desc="whole models", disable=not progress, unit="model"):
+        m = done.get((sup, sub))
+        if m is None:
+            r = measure_subnet(build_subnet(sup, sub), pred.platform, pred.mc)
+            m = {"superspace": superspace, "supernet": sup, "subnet": sub, "measured_ms": r[pred.mc.stat],
+                 "runs": r["runs"]}
+            pred.calibration.append(m)
+            pred.save()
+        out.append(m)
+    return out
+
+
+def main(args):
+    from modules.latency_predictor import (LatencyPredictor, device_info, sample_subnets, subnet_block_configs,
+                                           table_path)
+
+    _check_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    t0 = time.time()
+    path = table_path(args.platform, os.path.join(args.output_dir, "latency"))
+    pred = LatencyPredictor(args.platform, str(path), threads=args.threads, superspace=args.superspace,
+                            runs=args.min_runs, min_time=args.min_time, quant_format=args.quant_format,
+                            clock=args.clock, stat=args.stat)
+    resumed = len(pred.table)
+    rng = random.Random(args.seed)
+    subnets = sample_subnets(args.superspace, args.num_subnets, rng, args.resolutions, args.supernet or None)
+    cal_rng = random.Random(args.seed + 1)
+    res = list(args.resolutions or [])
+    if not res:
+        from modules.superspace import get_superspace
+
+        res = list(get_superspace(args.superspace).supernet_hw_list)
+    calib = []
+    for i in range(args.num_calib):
+        calib += sample_subnets(args.superspace, 1, cal_rng, [res[i % len(res)]], args.supernet or None,
+                                extremes=False)
+    lists = [subnet_block_configs(s, n) for s, n in subnets + calib]
+    log.info("%s %s: %d subnets (+%d for calibration), table %s (%d blocks already measured)", args.superspace,
+             args.platform, len(subnets), len(calib), path, resumed)
+    new = pred.build(lists, desc=f"{args.platform} blocks", progress=not args.no_progress)
+    log.info("measured %d new blocks (session overhead %.4f ms subtracted from each) in %.0f s", new,
+             pred.overhead_ms, time.time() - t0)
+    if calib:
+        models = measure_calibration(pred, calib, args.superspace, progress=not args.no_progress)
+        cfgs = [subnet_block_configs(m["supernet"], m["subnet"]) for m in models]
+        y = [m["measured_ms"] for m in models]
+        a, b = pred.calibrate(cfgs, y, models=models, superspace=args.superspace)
+        errs = [pred.predict_blocks(c) / t - 1 for c, t in zip(cfgs, y)]
+        within = sum(abs(e) <= 0.10 for e in errs) / len(errs)
+        rms = math.sqrt(sum(e * e for e in errs) / len(errs))
+        log.info("correction for %s: latency = %.3f * sum(blocks) + %.4f ms; on the %d calibration models: "
+                 "%.0f %% within +-10 %%, RMS relative error %.1f %%", args.superspace, a, b, len(y),
+                 100 * within, 100 * rms)
+    pred.device = device_info()
+    pred.save()
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
+    log.info("table %s: %d blocks; done in %.0f s (load average %.1f)", path, len(pred.table), time.time() - t0, load)
+    return {"table": str(path), "blocks": len(pred.table), "new_blocks": new, "correction": pred.correction,
+            "seconds": time.time() - t0}
+
+
+if __name__ == "__main__":
+    from modules.cli import run_main
+
+    run_main(main, get_args_parser())
