@@ -1,0 +1,268 @@
+"""Latency predictor: direct block graphs vs torch export, table sums, save/load/resume, clear errors,
+regression fallback. Timing settings are tiny (a few runs per block): the tests check plumbing, not speed."""
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import random
+import warnings
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from modules import latency_predictor as lp  # noqa: E402
+from modules.latency_predictor import (LatencyPredictor, block_key, block_mmacs, block_onnx,  # noqa: E402
+                                       load_predictor, parse_block_key, quantize_block_onnx, random_subnet,
+                                       random_supernet, strip_boundary_qdq, subnet_block_configs, subnet_onnx)
+
+FAST = dict(runs=3, warmup=1, min_time=0.0)
+
+
+def _sig(model):
+    """Node-by-node signature: op type, attributes (no Constant values), initializer shapes of inputs."""
+    inits = {t.name: (t.data_type, tuple(t.dims)) for t in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            continue
+        attrs = []
+        for a in n.attribute:
+            v = onnx.helper.get_attribute_value(a)
+            attrs.append((a.name, round(v, 5) if isinstance(v, float) else v))
+        out.append((n.op_type, tuple(sorted(attrs)), tuple(inits[x] for x in n.input if x in inits)))
+    return out
+
+
+def _family_configs():
+    """One config per block family of the three superspaces, with and without projection shortcut."""
+    from modules.superspace import get_superspace
+
+    seen, cfgs = set(), []
+    for sp in ("onnxw", "mobilew", "tiny"):
+        space = get_superspace(sp)
+        for spec in list(space.candidates) + list(space.fixed.values()):
+            for stride, (cin, cout) in ((1, (16, 16)), (2, (16, 24))):
+                if spec.name == "Logits" and stride == 2:
+                    continue
+                cfg = dict(name=spec.name, cin=3 if spec.name == "FirstConv" else cin, cout=cout,
+                           kernel=spec.kernel_list[-1], expand=spec.expand_list[-1], stride=stride, act=spec.act,
+                           se=spec.se, hw=1 if spec.name == "Logits" else 8)
+                if block_key(cfg) not in seen:
+                    seen.add(block_key(cfg))
+                    cfgs.append(cfg)
+    return cfgs
+
+
+FAMILY_CONFIGS = _family_configs()
+
+
+@pytest.mark.parametrize("cfg", FAMILY_CONFIGS, ids=lambda c: f"{c['name']}-s{c['stride']}-{c['cin']}-{c['cout']}")
+def test_block_graph_matches_torch_export(cfg, tmp_path):
+    from modules.counter import count_macs
+    from modules.export import export_onnx
+
+    module = lp.build_block_module(cfg)
+    hw = cfg["hw"]
+    path = export_onnx(module, hw, tmp_path / "b.onnx", in_channels=cfg["cin"])
+    assert _sig(onnx.load(path)) == _sig(block_onnx(cfg))
+    assert block_mmacs(cfg) == pytest.approx(count_macs(module, (1, cfg["cin"], hw, hw)) / 1e6)
+
+
+def test_subnet_configs_and_graph_match_supernet(tmp_path):
+    import torch
+
+    from modules.export import export_onnx
+    from modules.supernet import SuperNet, build_subnet
+
+    torch.set_num_threads(1)
+    rng = random.Random(3)
+    choice = random_supernet("tiny", rng)
+    net = SuperNet(choice)
+    for _ in range(5):
+        cfg = net.sample_active_subnet(rng)
+        assert [block_key(c) for c in net.block_configs()] == [block_key(c) for c in subnet_block_configs(choice, cfg)]
+    for mode in ("max", "min"):
+        getattr(net, f"set_{mode}_subnet")()
+        assert str(random_subnet(choice, rng, mode=mode)) == str(net.get_active_subnet_config())
+    sub = random_subnet(choice, rng, 32)
+    path = export_onnx(build_subnet(str(choice), str(sub)), 32, tmp_path / "m.onnx")
+    assert _sig(onnx.load(path)) == _sig(subnet_onnx(subnet_block_configs(choice, sub)))
+
+
+def test_expanded_per_channel_quantization_matches_ort():
+    cfgs = [c for c in FAMILY_CONFIGS if c["name"] in ("MobileNetV3Res", "FusedMBConvRes", "Logits", "ResNetSE")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for fmt, cfg in itertools.product(("qdq", "qoperator"), cfgs):
+            m = block_onnx(cfg)
+            assert _sig(quantize_block_onnx(m, fmt)) == _sig(quantize_block_onnx(m, fmt, per_channel="ort")), (fmt, cfg)
+
+
+def test_boundary_qdq_cut():
+    cfg = dict(name="MobileNetV2Res", cin=16, cout=16, kernel=3, expand=4, stride=1, act="relu6", se=False, hw=8)
+    q = strip_boundary_qdq(quantize_block_onnx(block_onnx(cfg)))
+    assert q.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert q.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    ops = collections.Counter(n.op_type for n in q.graph.node)
+    # the input feeds its DequantizeLinear directly, the output comes from a QuantizeLinear
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] == "input" for n in q.graph.node)
+    assert any(n.op_type == "QuantizeLinear" and n.output[0] == "output" for n in q.graph.node)
+    assert ops["Conv"] == 3
+    # the image input of FirstConv and the logits output stay float
+    for name, kw in (("FirstConv", dict(keep_input=True)), ("Logits", dict(keep_output=True))):
+        c = next(c for c in FAMILY_CONFIGS if c["name"] == name)
+        m = strip_boundary_qdq(quantize_block_onnx(block_onnx(c)), **kw)
+        io = m.graph.input[0] if name == "FirstConv" else m.graph.output[0]
+        assert io.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    for c in FAMILY_CONFIGS[:4]:  # every block model runs
+        lp.measure_block(c, "ort_int8", runs=2, warmup=1, min_time=0.0)
+
+
+def test_block_key_round_trip():
+    for c in FAMILY_CONFIGS:
+        assert block_key(parse_block_key(block_key(c))) == block_key(c)
+    with pytest.raises(ValueError, match="malformed block key"):
+        parse_block_key("ResNet_8_16")
+
+
+@pytest.fixture(scope="module")
+def tiny_subnet():
+    from modules.supernet import build_subnet
+
+    rng = random.Random(0)
+    choice = random_supernet("tiny", rng)
+    sub = random_subnet(choice, rng, 32, mode="min")
+    return str(choice), str(sub), build_subnet(str(choice), str(sub))
+
+
+def test_sum_equals_table_entries(tmp_path, tiny_subnet):
+    sup, sub, net = tiny_subnet
+    path = tmp_path / "ort_fp32.json"
+    pred = LatencyPredictor("ort_fp32", str(path), **FAST)
+    assert pred.build([net.block_configs()], progress=False) == len({block_key(c) for c in net.block_configs()})
+    assert pred.correction == (1.0, 0.0)
+    expected = sum(pred.table[block_key(c)] for c in net.block_configs())
+    assert pred.predict_subnet(net) == pytest.approx(expected, rel=1e-12)
+    assert pred.stats["regression"] == 0
+    # the raw standalone time is the table entry plus the session overhead
+    k = block_key(net.block_configs()[1])
+    assert pred.raw[k] == pytest.approx(pred.table[k] + pred.overhead_ms) or pred.table[k] == 0.0
+    # a correction is applied linearly
+    pred.correction = (2.0, 0.5)
+    assert pred.predict_subnet(net) == pytest.approx(2.0 * expected + 0.5)
+    # load_predictor reads the same table; the superspace picks its correction, else the generic one
+    pred.calibrate([net.block_configs(), net.block_configs()[:-3]], [2 * expected, expected], superspace="tiny")
+    again = load_predictor("ort_fp32", "tiny", str(tmp_path))
+    assert again.table == pred.table and again.correction == pred.corrections["tiny"]
+    assert load_predictor("ort_fp32", "onnxw", str(tmp_path)).correction == pred.corrections["*"]
+
+
+def test_save_load_and_resume(tmp_path, tiny_subnet, monkeypatch):
+    sup, sub, net = tiny_subnet
+    path = tmp_path / "ort_int8.json"
+    cfgs = net.block_configs()
+    keys = list(dict.fromkeys(block_key(c) for c in cfgs))
+    calls = []
+    real = lp._measure_block
+
+    def flaky(cfg, platform, mc, workdir=None, exporter="direct"):
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        calls.append(block_key(cfg))
+        return real(cfg, platform, mc, workdir, exporter)
+
+    monkeypatch.setattr(lp, "_measure_block", flaky)
+    pred = LatencyPredictor("ort_int8", str(path), **FAST)
+    with pytest.raises(KeyboardInterrupt):
+        pred.build([cfgs], progress=False)
+    saved = json.loads(path.read_text())
+    assert sorted(saved["blocks"]) == sorted(calls) and len(calls) == 4  # saved on interruption
+    assert saved["platform"] == "ort_int8" and saved["overhead_ms"] > 0
+
+    calls.clear()
+    monkeypatch.setattr(lp, "_measure_block", lambda *a, **k: (calls.append(block_key(a[0])), real(*a, **k))[1])
+    resumed = LatencyPredictor("ort_int8", str(path), **FAST)
+    assert resumed.table == pytest.approx(pred.table)
+    assert resumed.build([cfgs], progress=False) == len(keys) - 4
+    assert set(calls) == set(keys) - set(saved["blocks"])  # nothing measured twice
+    calls.clear()
+    assert LatencyPredictor("ort_int8", str(path), **FAST).build([cfgs], progress=False) == 0 and not calls
+
+
+def test_clear_errors(tmp_path):
+    bad = tmp_path / "ort_int8.json"
+    bad.write_text('{"platform": "ort_int8", "blocks": {"x": ')
+    with pytest.raises(ValueError, match=r"ort_int8\.json is corrupted"):
+        load_predictor("ort_int8", "tiny", str(tmp_path))
+    bad.write_text(json.dumps({"platform": "ort_int8", "blocks": {"not_a_key": 1.0}}))
+    with pytest.raises(ValueError, match=r"ort_int8\.json is corrupted.*malformed block key"):
+        load_predictor("ort_int8", "tiny", str(tmp_path))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "ort_fp32.json").write_text(json.dumps({"platform": "ort_int8", "blocks": {}}))
+    with pytest.raises(ValueError, match=r"ort_fp32\.json is for platform 'ort_int8', not 'ort_fp32'"):
+        load_predictor("ort_fp32", "tiny", str(other))
+    with pytest.raises(ValueError, match="latency platform 'gpu'"):
+        load_predictor("gpu")
+    with pytest.raises(FileNotFoundError, match=r"tflite_int8\.json not found.*build_latency_table\.py --superspace tiny"):
+        load_predictor("tflite_int8", "tiny", str(tmp_path))
+    (other / "ort_fp32.json").write_text(json.dumps({"platform": "ort_fp32", "threads": 1, "blocks": {}}))
+    with pytest.raises(ValueError, match="threads=1, not 2"):
+        load_predictor("ort_fp32", "tiny", str(other), threads=2, clock="wall")
+    empty = load_predictor("ort_fp32", "tiny", str(other))
+    with pytest.raises(ValueError, match="no measured blocks"):
+        empty.predict_blocks([FAMILY_CONFIGS[0]])
+    strict = load_predictor("ort_fp32", "tiny", str(other), fallback="error")
+    with pytest.raises(ValueError, match="is not in the latency table"):
+        strict.predict_blocks([FAMILY_CONFIGS[0]])
+
+
+def test_nn_meter_needs_the_package():
+    try:
+        import nn_meter  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"pip install nn-meter"):
+            load_predictor("nn_meter")
+    else:  # pragma: no cover - nn-meter present: its predictor files cannot be downloaded here
+        with pytest.raises((ValueError, ImportError)):
+            load_predictor("nn_meter", predictor_name="no_such_predictor")
+
+
+def test_macs_platform_needs_no_table(tiny_subnet):
+    from modules.counter import count_macs
+
+    _, _, net = tiny_subnet
+    pred = load_predictor("macs", "tiny")
+    macs = count_macs(net, (1, 3, net.resolution, net.resolution)) / 1e6
+    assert pred.predict_subnet(net) == pytest.approx(macs / 100.0)
+
+
+def test_regression_fallback_on_held_out_blocks():
+    """Fit on measured blocks of one family, predict held-out configurations of it: a sane band."""
+    rng = random.Random(1)
+    cfgs = {}
+    while len(cfgs) < 36:
+        c = dict(name="MobileNetV2Res", cin=rng.choice((16, 24, 32, 48)), cout=rng.choice((16, 24, 32, 48)),
+                 kernel=rng.choice((3, 5)), expand=float(rng.choice((2, 4, 6))), stride=rng.choice((1, 2)),
+                 act="relu6", se=False, hw=rng.choice((8, 12, 16, 24)))
+        cfgs[block_key(c)] = c
+    cfgs = list(cfgs.values())
+    pred = LatencyPredictor("ort_fp32", None, runs=5, warmup=2, min_time=0.003, measure_missing=True)
+    ms = {block_key(c): pred.block_latency(c) for c in cfgs}
+    train, test = cfgs[:28], cfgs[28:]
+    fit = LatencyPredictor("ort_fp32", None)
+    fit.table = {block_key(c): ms[block_key(c)] for c in train}
+    fit.overhead_ms = pred.overhead_ms
+    got = np.array([fit.block_latency(c) for c in test])
+    want = np.array([ms[block_key(c)] for c in test])
+    assert fit.stats["regression"] == len(test)
+    ratio = got / np.maximum(want, 1e-4)
+    assert np.all(ratio > 0.2) and np.all(ratio < 5.0), ratio  # a sane band on a loaded 2-core machine
+    assert np.median(np.abs(np.log(ratio))) < np.log(1.6), ratio
+    # a block type without measurements falls back to the global model
+    other = dict(name="ResNet", cin=16, cout=16, kernel=3, expand=1.0, stride=1, act="relu", se=False, hw=8)
+    assert fit.block_latency(other) > 0
