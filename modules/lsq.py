@@ -13,7 +13,10 @@ Presets (what the fake-quant simulates):
   * ``ort`` / ``tflite``: per-channel symmetric weights in [-127, 127] (so BN folding and the sign of
     gamma are exact), 8-bit asymmetric activations whose zero point is an integer (the offset is
     snapped to the integer grid with a straight-through estimator), as ONNX Runtime (uint8
-    activations) and TFLite (int8 activations, same grid shifted by 128) compute.
+    activations) and TFLite (int8 activations, same grid shifted by 128) compute. These presets also
+    quantize the tensors between int8 kernels that are no conv input (residual branches, hardswish /
+    swish inputs, SE, GAP inputs: `modules.ops.TensorQuantizer`, `modules.blocks`), and
+    `modules.deploy` exports the learned scales to int8 ONNX / TFLite.
 
 Fixes against the original (spec §13.1): the weight scale starts at max|W|/127 (the original's
 max|W|/255 clipped half the range); the root module is switched too; scales have a floor.
@@ -77,7 +80,16 @@ class _Quantizer(nn.Module):
 
 
 class ActQuantizer(_Quantizer):
-    """Quantizes an op's input to 8 bits with a learned scale and offset (LSQ+)."""
+    """Quantizes an op's input to 8 bits with a learned scale and offset (LSQ+).
+
+    Two structural constraints, set by the block that knows what produces the input and used by the
+    backend presets only (``ort``, ``tflite``), make the fake-quant what an int8 kernel can fuse:
+    ``unsigned`` (the input is a ReLU/ReLU6 output: the zero point is fixed at the bottom of the grid,
+    so ONNX Runtime drops the Relu into the producing QLinearConv/QLinearAdd) and ``max_value`` (the
+    range never exceeds it, e.g. 6 after ReLU6, so ONNX Runtime drops the Clip). Neither is state.
+    """
+    unsigned = False
+    max_value = None
 
     def configure(self, preset: str) -> None:
         self.preset = preset
@@ -97,6 +109,10 @@ class ActQuantizer(_Quantizer):
             # an integer zero point in [0, 255] can only represent ranges that contain 0: without this,
             # an all-positive input (e.g. a GAP of ReLU outputs) got zp 0 and was clipped at hi - lo
             lo, hi = lo.clamp_max(0.0), hi.clamp_min(0.0)
+            if self.unsigned:
+                lo = torch.zeros_like(lo)
+            if self.max_value is not None:
+                hi = hi.clamp_max(self.max_value)
         self.scale.copy_(((hi - lo) / (self.qmax - self.qmin)).clamp_min(1e-7))
         self.offset.copy_(lo)
         self.initialized.fill_(True)
@@ -107,13 +123,31 @@ class ActQuantizer(_Quantizer):
         if not self.initialized:
             self.init_from(x)
         g = 1.0 / math.sqrt(x[0].numel() * (self.qmax - self.qmin)) if self.training else 1.0
-        return quantize_activation(x, self.scale, self.offset, self.qmin, self.qmax, self.integer_zero_point, g)
+        scale, offset = self._constrained()
+        return quantize_activation(x, scale, offset, self.qmin, self.qmax, self.integer_zero_point, g)
+
+    def _constrained(self):
+        """(scale, offset) with the `unsigned` / `max_value` constraints of the backend presets applied."""
+        scale, offset = self.scale, self.offset
+        if self.integer_zero_point:
+            if self.unsigned:
+                offset = offset * 0.0  # zero point at the bottom of the grid (still in the autograd graph)
+            if self.max_value is not None:
+                scale = scale.abs().clamp_max(self.max_value / (self.qmax - self.qmin))
+        return scale, offset
 
     def zero_point(self) -> int:
         """Integer zero point on this quantizer's grid (0..255 for ort, -128..127 for tflite)."""
-        s = self.scale.abs().clamp_min(SCALE_FLOOR)
-        zp = torch.clamp(torch.round(-self.offset / s), 0, self.qmax - self.qmin)
-        return int(zp.item()) + self.qmin
+        return self.qparams()[1]
+
+    @torch.no_grad()
+    def qparams(self) -> tuple[float, int]:
+        """(scale, integer zero point on this quantizer's grid) exactly as the forward pass uses them
+        (backend presets; for deployment)."""
+        scale, offset = self._constrained()
+        s = scale.abs().clamp_min(SCALE_FLOOR)
+        zp = torch.clamp(torch.round(-offset / s), 0, self.qmax - self.qmin)
+        return float(s.item()), int(zp.item()) + self.qmin
 
 
 class WeightQuantizer(_Quantizer):
@@ -202,7 +236,21 @@ def set_quant_mode(model: nn.Module, mode: str, preset: str = "ort") -> nn.Modul
             q.configure(preset)
         q.enabled = mode == "lsq"
     model.quant_mode, model.quant_preset = mode, (preset if mode == "lsq" else None)
+    for link in _LINK_PASSES:
+        link(model)
     return model
+
+
+_LINK_PASSES = []
+
+
+def register_link_pass(fn):
+    """Register `fn(model)`, run by every `set_quant_mode` call: model-level structure the quantizers
+    need (e.g. `modules.blocks` marks a block's input quantizer `unsigned` when the previous block
+    ends in a ReLU)."""
+    if fn not in _LINK_PASSES:
+        _LINK_PASSES.append(fn)
+    return fn
 
 
 def get_quant_mode(model: nn.Module) -> str:

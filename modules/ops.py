@@ -10,6 +10,14 @@
 
 A static module is the same class built with single-choice sizes, so slicing is then a no-op and
 extracted subnets compute exactly what the supernet computed.
+
+Backend presets (``ort``, ``tflite``; `modules.deploy` documents the measurements): besides every
+conv / linear input, an int8 backend quantizes every tensor between two int8 kernels.
+`TensorQuantizer`s sit where no conv input covers such a tensor: the conv output before a
+hardswish/swish, the SE input and gate, a GAP input, residual branches (`modules.blocks`). swish
+becomes x * q(sigmoid(x)) with the sigmoid on the fixed 1/256 grid (TFLite's int8 LOGISTIC, ORT's
+QLinearSigmoid), the SE gate sits on the fixed 1/255 grid. In fp32 mode and in the ``original``
+preset all of them are the identity and own no parameters.
 """
 from __future__ import annotations
 
@@ -17,10 +25,120 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modules.lsq import QBase
+from modules.lsq import ActQuantizer, QBase, quantize_activation
 from modules.superspace import make_divisible
 
-ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "swish": nn.SiLU, "hswish": nn.Hardswish, "none": nn.Identity}
+BACKEND_PRESETS = ("ort", "tflite")
+
+
+def backend_active(q: nn.Module) -> bool:
+    """True if quantizer `q` is on and simulates an int8 backend (preset ort / tflite)."""
+    return bool(getattr(q, "enabled", False)) and getattr(q, "preset", None) in BACKEND_PRESETS
+
+
+def _drop_quant_state(q: nn.Module) -> None:
+    """No parameters / buffers (a stateless identity); `initialized` stays readable as a plain True."""
+    for name in ("scale", "offset"):
+        q._parameters.pop(name, None)
+    q._buffers.pop("initialized", None)
+    q.__dict__["initialized"] = torch.ones((), dtype=torch.bool)
+
+
+def _restore_quant_state(q: nn.Module) -> None:
+    q.__dict__.pop("initialized", None)  # ActQuantizer.configure registers the buffer
+
+
+class TensorQuantizer(ActQuantizer):
+    """An activation quantizer the backend presets add where an int8 backend quantizes a tensor that
+    is no conv/linear input (pre-activations of hswish/swish, residual branches, SE input, GAP input).
+    The identity without parameters in fp32 mode and in the ``original`` preset."""
+
+    def configure(self, preset: str) -> None:
+        if preset in BACKEND_PRESETS:
+            _restore_quant_state(self)
+            super().configure(preset)
+            return
+        self.preset, self.integer_zero_point = preset, False
+        _drop_quant_state(self)
+
+    def forward(self, x):
+        if not backend_active(self):
+            return x
+        return super().forward(x)
+
+
+class FixedQuantizer(TensorQuantizer):
+    """A TensorQuantizer on the fixed grid k * step, k = 0..255 (zero point at the bottom): a sigmoid
+    output (step 1/256, what TFLite's int8 LOGISTIC requires) or the SE's hardsigmoid gate (1/255)."""
+    unsigned = True
+
+    def __init__(self, step: float):
+        super().__init__()
+        self.step = float(step)
+
+    def configure(self, preset: str) -> None:
+        _drop_quant_state(self)
+        self.preset = preset
+        self.integer_zero_point = preset in BACKEND_PRESETS
+        self.qmin, self.qmax = (-128, 127) if preset == "tflite" else (0, 255)
+
+    def forward(self, x):
+        if not backend_active(self):
+            return x
+        return quantize_activation(x, x.new_full((1,), self.step), x.new_zeros(1), self.qmin, self.qmax, True)
+
+    def qparams(self) -> tuple[float, int]:
+        return self.step, self.qmin
+
+    def extra_repr(self) -> str:
+        return f"step={self.step:.6g}, enabled={self.enabled}, preset={self.preset}"
+
+
+class OriginalPresetQuantizer(ActQuantizer):
+    """A conv input quantizer of the ``original`` preset only. In the backend presets the conv reads a
+    tensor that is already quantized (a projection shortcut reads the block input, quantized once for
+    the branch and the shortcut): the identity without parameters."""
+
+    def configure(self, preset: str) -> None:
+        if preset not in BACKEND_PRESETS:
+            _restore_quant_state(self)
+            super().configure(preset)
+            return
+        self.preset, self.integer_zero_point = preset, True
+        _drop_quant_state(self)
+
+    def forward(self, x):
+        if backend_active(self):
+            return x
+        return super().forward(x)
+
+
+def mark_input(q: nn.Module, producer_act: str) -> None:
+    """Tell quantizer `q` what produces its input: a ReLU output is `unsigned`, a ReLU6 output also
+    capped at 6 (used by the backend presets only; see `ActQuantizer`)."""
+    if isinstance(q, FixedQuantizer) or not isinstance(q, ActQuantizer):
+        return
+    if producer_act in ("relu", "relu6"):
+        q.unsigned = True
+    if producer_act == "relu6":
+        q.max_value = 6.0
+
+
+class QSiLU(nn.SiLU):
+    """swish; in the backend presets x * q(sigmoid(x)) with the sigmoid on the fixed 1/256 grid, so that
+    LOGISTIC / QLinearSigmoid and MUL / QLinearMul run in int8."""
+
+    def __init__(self):
+        super().__init__()
+        self.sigmoid_quant = FixedQuantizer(1.0 / 256)
+
+    def forward(self, x):
+        if backend_active(self.sigmoid_quant):
+            return x * self.sigmoid_quant(torch.sigmoid(x))
+        return super().forward(x)
+
+
+ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "swish": QSiLU, "hswish": nn.Hardswish, "none": nn.Identity}
 
 
 def build_act(name: str) -> nn.Module:
@@ -50,12 +168,13 @@ class DynamicConv2d(QBase):
         cin = 1 if self.depthwise else in_channels
         return self.weight[:cout, :cin, start:start + k, start:start + k]
 
-    def forward(self, x):
+    def forward(self, x, prequantized: bool = False):
+        """`prequantized`: the owning block already quantized x (backend presets): act_quant is skipped."""
         cin = x.shape[1]
         w = self.weight_quant(self.active_weight(cin).contiguous())
         b = None if self.bias is None else self.bias[: w.shape[0]]
-        return F.conv2d(self.act_quant(x), w, b, self.stride, self.active_kernel_size // 2, 1,
-                        cin if self.depthwise else 1)
+        return F.conv2d(x if prequantized else self.act_quant(x), w, b, self.stride, self.active_kernel_size // 2,
+                        1, cin if self.depthwise else 1)
 
     def extra_repr(self):
         return (f"{self.max_in}, {self.max_out}, kernel={self.max_kernel}, stride={self.stride}, "
@@ -102,20 +221,28 @@ class DynamicSE(nn.Module):
     SE, from the block's input width for ResNet-style SE (spec §2.1).
     """
 
-    def __init__(self, max_channels: int, max_mid: int):
+    def __init__(self, max_channels: int, max_mid: int, input_act: str = "none"):
         super().__init__()
         self.reduce = DynamicConv2d(max_channels, max_mid, 1, bias=True)
         self.expand = DynamicConv2d(max_mid, max_channels, 1, bias=True)
         self.relu = nn.ReLU()
         self.gate = nn.Hardsigmoid()
         self.active_mid = max_mid
+        # backend presets: x quantized once for the GAP and the multiply; the expand conv's output
+        # quantized before the hardsigmoid; the gate on the fixed 1/255 grid
+        self.in_quant, self.gate_pre_quant = TensorQuantizer(), TensorQuantizer()
+        self.gate_quant = FixedQuantizer(1.0 / 255)
+        mark_input(self.in_quant, input_act)
+        mark_input(self.reduce.act_quant, input_act)  # the GAP of an unsigned tensor is unsigned
+        mark_input(self.expand.act_quant, "relu")
 
     def forward(self, x):
         self.reduce.active_out_channels = self.active_mid
         self.expand.active_out_channels = x.shape[1]
+        x = self.in_quant(x)
         # global average pooling (not .mean): ONNX GlobalAveragePool, which ORT runs in int8
-        s = self.gate(self.expand(self.relu(self.reduce(F.adaptive_avg_pool2d(x, 1)))))
-        return x * s
+        s = self.expand(self.relu(self.reduce(F.adaptive_avg_pool2d(x, 1))))
+        return x * self.gate_quant(self.gate(self.gate_pre_quant(s)))
 
 
 def se_mid(channels: int) -> int:
@@ -132,9 +259,9 @@ class DynamicK3DWStack(nn.Module):
                                                  depthwise=True) for i in range(n))
         self.active_kernel_size = max_kernel
 
-    def forward(self, x):
-        for conv in self.convs[: (self.active_kernel_size - 1) // 2]:
-            x = conv(x)
+    def forward(self, x, prequantized: bool = False):
+        for i, conv in enumerate(self.convs[: (self.active_kernel_size - 1) // 2]):
+            x = conv(x, prequantized and i == 0)
         return x
 
 
@@ -149,7 +276,10 @@ class DynamicConvBNAct(nn.Module):
         else:
             self.conv = DynamicConv2d(max_in, max_out, max_kernel, stride, depthwise=depthwise)
         self.bn = DynamicBatchNorm2d(max_in if (depthwise or k3_stack) else max_out)
+        self.act_name = act
         self.act = build_act(act)
+        # backend presets: hardswish / swish have no int8 form fused into the conv: quantize the conv output
+        self.pre_act_quant = TensorQuantizer() if act in ("hswish", "swish") else None
 
     def set_active(self, out_channels: int | None = None, kernel_size: int | None = None) -> None:
         if out_channels is not None and isinstance(self.conv, DynamicConv2d):
@@ -157,5 +287,12 @@ class DynamicConvBNAct(nn.Module):
         if kernel_size is not None:
             self.conv.active_kernel_size = kernel_size
 
-    def forward(self, x):
-        return self.act(self.bn(self.conv(x)))
+    def input_quantizer(self) -> ActQuantizer:
+        """The quantizer of this op's input (its first conv's act_quant)."""
+        return self.conv.convs[0].act_quant if isinstance(self.conv, DynamicK3DWStack) else self.conv.act_quant
+
+    def forward(self, x, prequantized: bool = False):
+        x = self.bn(self.conv(x, prequantized))
+        if self.pre_act_quant is not None:
+            x = self.pre_act_quant(x)
+        return self.act(x)
