@@ -1,0 +1,284 @@
+"""Deployment fidelity of a trained LSQ+ subnet (issue 9): is the int8 model that runs on the device the
+model we trained and validated?
+
+For one LSQ+ network (a standalone subnet checkpoint, or a demo subnet trained here if none is given)
+on the same validation images:
+
+* torch fake-quant (the reference: what training validated) and torch with the quantizers off;
+* ONNX Runtime int8 with the learned scales (`modules.deploy.export_onnx_int8`, QDQ -> QLinear*),
+  ONNX Runtime fp32 (BN folded), and the original's way: the fp32 ONNX re-quantized by
+  ``quantize_static`` (QOperator, per channel) on 30 random inputs (spec §11.2), plus the same with
+  real calibration images (PTQ) for reference;
+* LiteRT int8 with the learned scales (`modules.deploy.export_tflite_int8`) and LiteRT fp32.
+
+Per row: top-1, its difference to the fake-quant top-1, the relative output error
+||y - y_fq|| / ||y_fq||, the argmax agreement with fake-quant, and the median latency of the exported
+file (1 thread, batch 1) with the speed-up over the fp32 file of the same runtime. Goals:
+|delta top-1| <= 0.5 points for ONNX Runtime, <= 1 point for LiteRT. Then the per-block inspector
+report of the int8 ONNX file (`modules.deploy.inspect_deployed`: int8 kernels, float fallbacks,
+profiled int8 vs fp32 time per block).
+
+    python -m bench.deploy_fidelity                                    # trains the demo subnet once (~2 min)
+    python -m bench.deploy_fidelity --checkpoint checkpoints/subnets/tiny-...pth --data_dir <ImageFolder>
+
+Writes ``<output_dir>/deploy_fidelity.{csv,md}`` and ``deploy_inspect.csv``; the exported files go to
+``<output_dir>/deploy_models/``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repo importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from modules.cli import run_main  # noqa: E402
+
+DEMO_SUPERNET = "tiny-012345-000000"  # one stage per block family: MBv1 (relu), MBv2 (relu6), MBv3 (hswish+SE),
+# ResNet (relu), ResNetSE, FusedMBConv (swish); FirstConv relu, FinalExpand / FeatureMix hswish
+DEMO_RESOLUTION = 32
+FIELDS = ["variant", "runtime", "top1", "delta_top1", "rel_err", "argmax_agree", "latency_ms", "speedup", "file"]
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("deploy_fidelity", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="standalone LSQ+ subnet checkpoint (export_subnet.py); "
+                   "default: the demo subnet, trained on the digits data into --output_dir on first use")
+    p.add_argument("--data_dir", default=None, help="ImageFolder root with train/ and val/ (default: the digits set)")
+    p.add_argument("--output_dir", default="./checkpoints/reports", help="(default: %(default)s)")
+    p.add_argument("--resolution", type=int, default=None, help="input size (default: the subnet's)")
+    p.add_argument("--max_val", type=int, default=None, help="evaluate on the first N val images only")
+    p.add_argument("--threads", type=int, default=1, help="inference threads (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=30, help="latency warm-up runs (default: %(default)s)")
+    p.add_argument("--runs", type=int, default=200, help="timed latency runs (default: %(default)s)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset 13..17 (default: %(default)s)")
+    p.add_argument("--no_tflite", action="store_true", help="skip LiteRT")
+    p.add_argument("--no_ptq", action="store_true", help="skip the quantize_static rows")
+    p.add_argument("--no_inspect", action="store_true", help="skip the per-block inspector report")
+    g = p.add_argument_group("demo subnet (when no --checkpoint)")
+    g.add_argument("--supernet", default=DEMO_SUPERNET, help="(default: %(default)s, every block family)")
+    g.add_argument("--demo_resolution", type=int, default=DEMO_RESOLUTION, help="(default: %(default)s)")
+    g.add_argument("--preset", choices=["ort", "tflite"], default="ort", help="LSQ+ preset (default: %(default)s)")
+    g.add_argument("--fp32_steps", type=int, default=400, help="(default: %(default)s)")
+    g.add_argument("--lsq_steps", type=int, default=300, help="(default: %(default)s)")
+    g.add_argument("--batch_size", type=int, default=64, help="(default: %(default)s)")
+    g.add_argument("--retrain", action="store_true", help="train the demo subnet again even if it is cached")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--debug", action="store_true", help="print full tracebacks on errors")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------- demo subnet
+def _cycle(loader):
+    while True:
+        yield from loader
+
+
+def train_lsq_subnet(model, loader, fp32_steps: int, lsq_steps: int, preset: str = "ort", lr: float = 3e-3,
+                     lsq_lr: float = 5e-4, log=print):
+    """Train a standalone subnet `fp32_steps` in fp32, then `lsq_steps` with LSQ+ (`preset`), AdamW with a
+    cosine schedule per phase. Returns the model (LSQ+ mode, eval)."""
+    from modules.engine import init_lsq_scales, param_groups
+    from modules.lsq import set_quant_mode
+
+    crit = torch.nn.CrossEntropyLoss()
+    it = _cycle(loader)
+    for phase, steps, base_lr in (("fp32", fp32_steps, lr), ("lsq", lsq_steps, lsq_lr)):
+        if phase == "lsq":
+            set_quant_mode(model, "lsq", preset)
+            init_lsq_scales(model, next(it)[0])
+        if steps <= 0:
+            continue
+        model.train()
+        opt = torch.optim.AdamW(param_groups(model, 1e-4), lr=base_lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+        t0, running = time.time(), 0.0
+        for step in range(steps):
+            images, labels = next(it)
+            loss = crit(model(images), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running = 0.9 * running + 0.1 * float(loss) if step else float(loss)
+            if log and (step + 1) % 100 == 0:
+                log(f"  {phase} step {step + 1}/{steps}: loss {running:.3f} ({time.time() - t0:.0f} s)")
+    return model.eval()
+
+
+def demo_subnet(args, data_dir: Path):
+    """The cached demo subnet (export_subnet format), trained now if missing or --retrain."""
+    from modules.data import build_dataset, build_loader
+    from modules.subnet_search import load_subnet_checkpoint, save_subnet_checkpoint
+    from modules.supernet import supernet_from_encoding
+
+    path = Path(args.output_dir) / f"deploy_demo_{args.supernet}_r{args.demo_resolution}_{args.preset}.pth"
+    if path.is_file() and not args.retrain:
+        print(f"demo subnet: {path} (cached; --retrain to train again)")
+        return load_subnet_checkpoint(path), path
+    torch.manual_seed(args.seed)
+    net = supernet_from_encoding(args.supernet)
+    net.set_max_subnet()
+    cfg = str(net.get_active_subnet_config()).rsplit("_r", 1)[0] + f"_r{args.demo_resolution}"
+    net.set_active_subnet(cfg)
+    sub = net.get_active_subnet()
+    del net
+    ds = build_dataset(data_dir, "train", train=True, image_size=args.demo_resolution)
+    loader = build_loader(ds, args.batch_size, train=True, seed=args.seed)
+    print(f"training the demo subnet {args.supernet} {cfg}: {args.fp32_steps} fp32 + {args.lsq_steps} LSQ+ "
+          f"({args.preset}) steps on {len(ds)} images")
+    t0 = time.time()
+    train_lsq_subnet(sub, loader, args.fp32_steps, args.lsq_steps, args.preset)
+    print(f"  trained in {time.time() - t0:.0f} s")
+    save_subnet_checkpoint(sub, path, data_dir=str(data_dir), fp32_steps=args.fp32_steps, lsq_steps=args.lsq_steps)
+    return load_subnet_checkpoint(path), path
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+def _ort_latency(path, threads, warmup, runs) -> float:
+    from modules.deploy import ort_session
+
+    sess = ort_session(path, threads)
+    i = sess.get_inputs()[0]
+    x = np.random.default_rng(0).standard_normal([d if isinstance(d, int) else 1 for d in i.shape]).astype(np.float32)
+    for _ in range(warmup):
+        sess.run(None, {i.name: x})
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, {i.name: x})
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def _tflite_latency(path, threads, warmup, runs) -> float:
+    from modules.benchmark import benchmark_tflite
+
+    return benchmark_tflite(path, threads=threads, warmup=warmup, runs=runs)["median"]
+
+
+def _row(variant, runtime, logits, labels, ref, top1_ref, latency=None, fp32_latency=None, file=""):
+    top1 = float((logits.argmax(1) == labels).mean() * 100)
+    return {"variant": variant, "runtime": runtime, "top1": f"{top1:.2f}",
+            "delta_top1": f"{top1 - top1_ref:+.2f}" if top1_ref is not None else "",
+            "rel_err": "" if ref is None else f"{np.linalg.norm(logits - ref) / np.linalg.norm(ref):.4f}",
+            "argmax_agree": "" if ref is None else f"{(logits.argmax(1) == ref.argmax(1)).mean() * 100:.2f}",
+            "latency_ms": "" if latency is None else f"{latency:.3f}",
+            "speedup": f"{fp32_latency / latency:.2f}" if latency and fp32_latency else "",
+            "file": file}
+
+
+def _write_csv(path: Path, rows, fields):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def main(args):
+    from modules import deploy
+    from modules.data import DEFAULT_DATA_DIR, build_dataset, prepare_default_data
+    from modules.export import RandomCalibrationWarning, quantize_onnx_int8
+    from modules.subnet_search import load_subnet_checkpoint
+
+    torch.set_num_threads(max(1, args.threads))
+    out = Path(args.output_dir)
+    data_dir = prepare_default_data(args.data_dir or DEFAULT_DATA_DIR)
+    if args.checkpoint:
+        model, ckpt_path = load_subnet_checkpoint(args.checkpoint), Path(args.checkpoint)
+    else:
+        model, ckpt_path = demo_subnet(args, data_dir)
+    preset = deploy.model_preset(model)
+    res = args.resolution or model.resolution
+    model.eval()
+    val = build_dataset(data_dir, "val", train=False, image_size=res)
+    n = len(val) if args.max_val is None else min(args.max_val, len(val))
+    xs, ys = zip(*(val[i] for i in range(n)))
+    x, labels = torch.stack(xs), np.array(ys)
+    print(f"model {ckpt_path} ({preset}), resolution {res}, {n} val images of {data_dir}")
+
+    with torch.no_grad():
+        ref = model(x).numpy()
+        fp32_torch = deploy.fp32_model(model)(x).numpy()
+    top1_ref = float((ref.argmax(1) == labels).mean() * 100)
+    rows = [_row("fake-quant (reference)", "torch", ref, labels, ref, top1_ref),
+            _row("quantizers off", "torch", fp32_torch, labels, ref, top1_ref)]
+
+    mdir = out / "deploy_models"
+    stem = ckpt_path.stem
+    f_int8 = deploy.export_onnx_int8(model, mdir / f"{stem}_int8.onnx", res, opset=args.opset)
+    f_fp32 = deploy.export_onnx_fp32(model, mdir / f"{stem}.onnx", res, opset=args.opset)
+    lat_fp32 = _ort_latency(f_fp32, args.threads, args.warmup, args.runs)
+    lat_int8 = _ort_latency(f_int8, args.threads, args.warmup, args.runs)
+    precise = deploy.ort_precise_default()
+    rows.append(_row("learned scales (ours)" + (", x64quantprecision" if precise else ""), "onnxruntime",
+                     deploy.run_onnx_batch(f_int8, x), labels, ref, top1_ref, lat_int8, lat_fp32, f_int8))
+    if precise:  # what the default (saturating u8 x s8) kernels of this CPU give
+        rows.append(_row("learned scales, default kernels (no VNNI: saturate)", "onnxruntime",
+                         deploy.run_onnx_batch(f_int8, x, precise=False), labels, ref, top1_ref, file=f_int8))
+    rows.append(_row("fp32 (BN folded)", "onnxruntime", deploy.run_onnx_batch(f_fp32, x), labels, ref, top1_ref,
+                     lat_fp32, lat_fp32, f_fp32))
+    if not args.no_ptq:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RandomCalibrationWarning)
+            f_orig = quantize_onnx_int8(f_fp32, mdir / f"{stem}_original_int8.onnx", calib=None, fmt="qoperator",
+                                        num_random_calib=30, seed=args.seed)
+        rows.append(_row("original: fp32 + quantize_static, 30 random inputs", "onnxruntime",
+                         deploy.run_onnx_batch(f_orig, x), labels, ref, top1_ref,
+                         _ort_latency(f_orig, args.threads, args.warmup, args.runs), lat_fp32, f_orig))
+        train = build_dataset(data_dir, "train", train=False, image_size=res)
+        g = torch.Generator().manual_seed(args.seed)
+        calib = torch.stack([train[int(i)][0] for i in torch.randperm(len(train), generator=g)[:128]])
+        f_ptq = quantize_onnx_int8(f_fp32, mdir / f"{stem}_ptq_int8.onnx", calib=calib, fmt="qdq")
+        rows.append(_row("PTQ: fp32 + quantize_static, 128 train images", "onnxruntime",
+                         deploy.run_onnx_batch(f_ptq, x), labels, ref, top1_ref,
+                         _ort_latency(f_ptq, args.threads, args.warmup, args.runs), lat_fp32, f_ptq))
+    if not args.no_tflite:
+        t_int8 = deploy.export_tflite_int8(model, mdir / f"{stem}_int8.tflite", res)
+        t_fp32 = deploy.export_tflite_fp32(model, mdir / f"{stem}.tflite", res)
+        tl_fp32 = _tflite_latency(t_fp32, args.threads, args.warmup, args.runs)
+        rows.append(_row("learned scales (ours)", "litert", deploy.run_tflite_batch(t_int8, x), labels, ref, top1_ref,
+                         _tflite_latency(t_int8, args.threads, args.warmup, args.runs), tl_fp32, t_int8))
+        rows.append(_row("fp32", "litert", deploy.run_tflite_batch(t_fp32, x), labels, ref, top1_ref, tl_fp32,
+                         tl_fp32, t_fp32))
+
+    table = deploy.format_rows(rows, FIELDS[:-1], markdown=True)
+    print()
+    print(table)
+    _write_csv(out / "deploy_fidelity.csv", rows, FIELDS)
+    (out / "deploy_fidelity.md").write_text(f"model {ckpt_path}, {n} val images, resolution {res}, "
+                                            f"{args.threads} thread(s)\n\n{table}\n")
+    verdict = 0
+    for runtime, goal in (("onnxruntime", 0.5), ("litert", 1.0)):
+        r = next((r for r in rows if r["runtime"] == runtime and r["variant"].startswith("learned scales (ours)")), None)
+        if r is not None:
+            ok = abs(float(r["delta_top1"])) <= goal
+            verdict |= not ok
+            print(f"{runtime}: |delta top-1| = {abs(float(r['delta_top1'])):.2f} points (goal <= {goal}): "
+                  f"{'PASS' if ok else 'FAIL'}")
+    print(f"wrote {out / 'deploy_fidelity.csv'} and {out / 'deploy_fidelity.md'}")
+    if not args.no_inspect:
+        print()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            irows = deploy.inspect_deployed(f_int8, f_fp32, runs=max(20, args.runs // 2), threads=args.threads)
+        _write_csv(out / "deploy_inspect.csv", irows, list(irows[0]))
+        print(f"wrote {out / 'deploy_inspect.csv'}")
+    return verdict
+
+
+if __name__ == "__main__":
+    run_main(main, get_args_parser())

@@ -1,0 +1,562 @@
+"""Deploy exactly what was trained: learned LSQ+ scales into real int8 ONNX and TFLite (issue 9).
+
+The original exported an fp32 ONNX and re-quantized it with ONNX Runtime on 30 *random* images, so
+the LSQ+ scales never reached the device and the deployed accuracy was unknown (spec §4.6, §11.2).
+Here the trained fake-quant network itself is frozen and exported; no calibration step in between.
+
+Backend presets (`modules.lsq`, `modules.ops`, `modules.blocks`), as MQBench's backend parameters:
+
+=========  ======================================  =====================================
+preset     activations                              weights
+=========  ======================================  =====================================
+original   u8 with a continuous offset (spec §4)   per tensor [-128, 127]: not deployable
+ort        u8 per tensor, integer zero point       s8 symmetric per channel [-127, 127]
+tflite     s8 per tensor, integer zero point       s8 symmetric per channel [-127, 127]
+=========  ======================================  =====================================
+
+``ort`` and ``tflite`` compute the same function (tflite names the 256-level grid -128..127 and its
+zero point zp-128), so a model trained with either deploys to both. What they quantize, measured
+with ONNX Runtime 1.32 (QDQ fusion) and litert-torch 0.10 (quantized_decomposed + STATIC mode):
+
+* every conv / linear input (as in training since the original), with BN folded into the conv:
+  per-channel weight scales make folding exact, s_c' = s_c |gamma_c / sigma_c|, the integer weight
+  flips its sign with gamma (exact because the weight range [-127, 127] is symmetric);
+* the block input once, shared by the branch and the shortcut, the residual branch before the add,
+  a projection shortcut after its conv: ORT QLinearAdd / TFLite ADD (int8);
+* ReLU / ReLU6 outputs on an unsigned grid (zero point at the bottom, ReLU6 range <= 6): ORT removes
+  the Relu / Clip before a QuantizeLinear only then (ReluQuantFusion, ClipQuantFusion), so the conv
+  fuses into QLinearConv; TFLite fuses them as the conv's activation;
+* the conv output before hardswish / swish; swish as x * q(sigmoid(x)) with the sigmoid on the
+  1/256 grid: QLinearSigmoid + QLinearMul / LOGISTIC + MUL run in int8; hardswish runs in int8 in
+  TFLite (HARD_SWISH) but **not in ONNX Runtime** (float HardSigmoid + Mul between DQ/Q): hardswish
+  blocks stay slower in int8 there, which is what the search has to see;
+* the SE input (GAP and multiply read the same quantized tensor), the expand conv's output, the
+  hardsigmoid gate on the 1/255 grid (the gate itself stays float on a [1, C, 1, 1] vector);
+* global average pooling input (QLinearGlobalAveragePool / MEAN); the logits stay float.
+
+Deployment (no calibration): `deploy_model` copies the network, folds every BN into its conv and
+replaces each quantizer by a frozen one holding the learned scale and zero point — for ONNX
+``torch.fake_quantize_per_tensor_affine`` (u8) / ``fake_quantize_per_channel_affine`` (weights),
+exported with the TorchScript exporter (opset 13..17) into one Q/DQ pair per tensor, which ORT fuses;
+for TFLite ``quantized_decomposed.quantize_per_tensor`` / ``quantize_per_channel`` (s8), converted by
+litert-torch in static-quantization mode into CONV_2D / DEPTHWISE_CONV_2D / ADD / MUL / MEAN /
+LOGISTIC / HARD_SWISH int8 kernels.
+
+x86 CPUs without VNNI: ORT's default u8 x s8 kernels add pairs of products in saturating int16
+(``vpmaddubsw``) and full-range learned weights overflow (a 4.6 % output error on one conv). Sessions
+here set ``session.x64quantprecision=1`` (`ort_session`, auto on such CPUs): exact u8 x u8 kernels.
+
+Example::
+
+    from modules.deploy import export_onnx_int8, export_tflite_int8, ort_session
+    export_onnx_int8(subnet, "out/m_int8.onnx")          # subnet: a standalone LSQ+ (ort/tflite) network
+    export_tflite_int8(subnet, "out/m_int8.tflite")
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from modules.lsq import SCALE_FLOOR, ActQuantizer, WeightQuantizer, get_quant_mode, quantizers
+from modules.ops import (BACKEND_PRESETS, DynamicBatchNorm2d, DynamicConv2d, DynamicConvBNAct, DynamicK3DWStack,
+                         DynamicLinear, FixedQuantizer, OriginalPresetQuantizer, backend_active)
+
+__all__ = ["DEPLOY_BACKENDS", "FrozenActQuant", "FrozenConv2d", "FrozenLinear", "model_preset", "deploy_model",
+           "fp32_model", "export_onnx_int8", "export_onnx_fp32", "export_tflite_int8", "export_tflite_fp32",
+           "ort_precise_default", "ort_session", "run_onnx_batch", "run_tflite_batch", "relative_error",
+           "profile_onnx_blocks", "inspect_deployed", "format_rows"]
+
+DEPLOY_BACKENDS = ("torch", "onnx", "tflite")
+
+
+def _import_decomposed():
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+
+
+# ----------------------------------------------------------------------------- frozen modules
+class FrozenActQuant(nn.Module):
+    """A quantizer frozen at (scale, zero point): 256 levels, `zero_point` on the 0..255 grid.
+
+    backend ``torch`` / ``onnx``: ``fake_quantize_per_tensor_affine`` (u8; ONNX Q/DQ pair);
+    ``tflite``: ``quantized_decomposed`` quantize/dequantize on the s8 grid (zero point - 128).
+    `enabled` / `preset` let the blocks see an active backend quantizer (`modules.ops.backend_active`)."""
+
+    def __init__(self, scale: float, zero_point: int, backend: str, preset: str):
+        super().__init__()
+        if not (scale > 0 and np.isfinite(scale)) or not 0 <= zero_point <= 255:
+            raise ValueError(f"bad activation quantization parameters: scale {scale}, zero point {zero_point}")
+        self.scale, self.zero_point, self.backend = float(scale), int(zero_point), backend
+        self.enabled, self.preset = True, preset
+
+    def forward(self, x):
+        if self.backend == "tflite":
+            qd = torch.ops.quantized_decomposed
+            zp = self.zero_point - 128
+            q = qd.quantize_per_tensor(x, self.scale, zp, -128, 127, torch.int8)
+            return qd.dequantize_per_tensor(q, self.scale, zp, -128, 127, torch.int8)
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, 255)
+
+    def extra_repr(self):
+        return f"scale={self.scale:.6g}, zero_point={self.zero_point} (u8), backend={self.backend}"
+
+
+def _fq_weight(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, backend: str) -> torch.Tensor:
+    if backend == "tflite":
+        qd = torch.ops.quantized_decomposed
+        q = qd.quantize_per_channel(w, scale, zp, 0, -127, 127, torch.int8)
+        return qd.dequantize_per_channel(q, scale, zp, 0, -127, 127, torch.int8)
+    # ONNX's exporter accepts only the (-128, 127) / (0, 255) ranges; the integers are in [-127, 127] anyway
+    return torch.fake_quantize_per_channel_affine(w, scale, zp.to(torch.int32), 0, -128, 127)
+
+
+class _FrozenWeightOp(nn.Module):
+    def __init__(self, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, act_quant: nn.Module,
+                 backend: str):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().float().contiguous())
+        self.register_buffer("w_scale", w_scale.detach().float().contiguous())
+        self.register_buffer("w_zero_point", torch.zeros(weight.shape[0], dtype=torch.int64))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+        self.act_quant = act_quant
+        self.backend = backend
+
+    def quantized_weight(self) -> torch.Tensor:
+        return _fq_weight(self.weight, self.w_scale, self.w_zero_point, self.backend)
+
+
+class FrozenConv2d(_FrozenWeightOp):
+    """conv2d(act_quant(x), per-channel fake-quant weight) + float bias, weights and scales frozen (BN folded)."""
+
+    def __init__(self, weight, w_scale, bias, act_quant, backend, stride: int, padding: int, groups: int):
+        super().__init__(weight, w_scale, bias, act_quant, backend)
+        self.stride, self.padding, self.groups = int(stride), int(padding), int(groups)
+
+    def forward(self, x, prequantized: bool = False):
+        x = x if prequantized else self.act_quant(x)
+        return F.conv2d(x, self.quantized_weight(), self.bias, self.stride, self.padding, 1, self.groups)
+
+    def extra_repr(self):
+        o, i, k, _ = self.weight.shape
+        return f"{i * self.groups}, {o}, kernel={k}, stride={self.stride}, groups={self.groups}, backend={self.backend}"
+
+
+class FrozenLinear(_FrozenWeightOp):
+    """linear(act_quant(x), per-channel fake-quant weight) + float bias (the logits stay float)."""
+
+    def forward(self, x):
+        return F.linear(self.act_quant(x), self.quantized_weight(), self.bias)
+
+
+# ----------------------------------------------------------------------------- conversion
+def model_preset(model: nn.Module) -> str:
+    """The LSQ+ preset of `model`; ValueError unless it is an LSQ+ model with a backend preset."""
+    if get_quant_mode(model) != "lsq":
+        raise ValueError("deployment needs an LSQ+ model (quant_mode lsq); this one is fp32 — train it with "
+                         "--quant_mode lsq --quant_preset ort (or tflite)")
+    presets = {q.preset for q in quantizers(model) if q.enabled}
+    bad = presets - set(BACKEND_PRESETS)
+    if bad or len(presets) != 1:
+        raise ValueError(f"LSQ+ preset {sorted(presets)}: only {' / '.join(BACKEND_PRESETS)} models are deployable "
+                         "with their learned scales (the original preset's continuous offset and per-tensor "
+                         "[-128, 127] weights have no int8 kernel); fine-tune with --quant_preset ort")
+    return presets.pop()
+
+
+def _resolution(model: nn.Module, resolution) -> int:
+    r = resolution or getattr(model, "resolution", None) or getattr(model, "active_resolution", None)
+    if r is None:
+        raise ValueError("resolution not given and the model has no .resolution / .active_resolution")
+    return int(r)
+
+
+def _frozen_act(q: nn.Module, backend: str, preset: str) -> nn.Module:
+    if isinstance(q, OriginalPresetQuantizer) or not backend_active(q):
+        return nn.Identity()
+    if not isinstance(q, FixedQuantizer) and not bool(q.initialized):
+        raise ValueError(f"quantizer {q} has no learned scale yet (run a forward pass / load the LSQ+ checkpoint)")
+    scale, zp = q.qparams()
+    return FrozenActQuant(scale, zp - q.qmin, backend, preset)
+
+
+def _int_weight(conv: nn.Module, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(integer weight, per-channel scale) exactly as `conv.weight_quant` quantizes the active weight `w`."""
+    wq: WeightQuantizer = conv.weight_quant
+    if not (wq.enabled and getattr(wq, "per_channel", False)):
+        raise ValueError(f"{type(conv).__name__}: weights are not per-channel LSQ+ (preset {wq.preset})")
+    if not bool(wq.initialized):
+        raise ValueError(f"{type(conv).__name__}: weight scale not learned yet (run a forward pass / load the checkpoint)")
+    s = wq.scale[: w.shape[0]].detach().abs().clamp_min(SCALE_FLOOR).double()
+    with torch.no_grad():
+        fq = wq(w).double()
+    q = torch.round(fq / s.view(-1, *([1] * (w.dim() - 1))))
+    if q.abs().max() > wq.qmax:
+        raise ValueError("weight integers outside [-127, 127]")
+    return q, s
+
+
+def _record_inputs(model: nn.Module, resolution: int) -> dict[nn.Module, torch.Tensor]:
+    """The input tensor of every DynamicConv2d / DynamicLinear / BN used by one forward pass at `resolution`."""
+    seen: dict[nn.Module, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.setdefault(mod, args[0].detach()))
+             for m in model.modules() if isinstance(m, (DynamicConv2d, DynamicLinear, nn.BatchNorm2d))]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            model(torch.randn(1, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)).to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _fold(conv: DynamicConv2d, bn: nn.BatchNorm2d | None, cin: int, act_quant: nn.Module, backend: str):
+    w = conv.active_weight(cin).detach().contiguous()
+    q, s = _int_weight(conv, w)
+    cout = w.shape[0]
+    bias = conv.bias[:cout].detach().double() if conv.bias is not None else torch.zeros(cout, dtype=torch.float64)
+    if bn is not None:
+        if bn.running_mean is None:
+            raise ValueError("BN without running statistics cannot be folded")
+        a = bn.weight[:cout].detach().double() / torch.sqrt(bn.running_var[:cout].double() + bn.eps)
+        shift = bn.bias[:cout].detach().double() - bn.running_mean[:cout].double() * a
+        sign = torch.where(a < 0, -1.0, 1.0).double()
+        q = q * sign.view(-1, 1, 1, 1)  # symmetric [-127, 127]: the sign flip stays on the grid
+        q = torch.where((a == 0).view(-1, 1, 1, 1), torch.zeros_like(q), q)
+        s = torch.where(a == 0, s, s * a.abs())
+        bias = bias * a + shift
+    weight = (q * s.view(-1, 1, 1, 1)).float()
+    groups = cin if conv.depthwise else 1
+    return FrozenConv2d(weight, s.float(), bias.float(), act_quant, backend, conv.stride,
+                        conv.active_kernel_size // 2, groups)
+
+
+def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, new)
+
+
+def deploy_model(model: nn.Module, backend: str = "onnx", resolution: int | None = None) -> nn.Module:
+    """A frozen eval-mode copy of an LSQ+ network (preset ort / tflite) for `backend`:
+
+    BN folded into the preceding convs, every active quantizer replaced by a `FrozenActQuant`
+    (learned scale and integer zero point), every conv / linear by a `FrozenConv2d` / `FrozenLinear`
+    with per-channel fake-quant weights. ``torch`` and ``onnx`` use torch's fake-quant ops (u8 grid),
+    ``tflite`` the quantized_decomposed ops (s8 grid). The forward code of the blocks is unchanged,
+    so the copy computes what the fake-quant model computes (up to float rounding at the folding).
+    The active subnet of a supernet works too; `resolution` defaults to the model's own."""
+    if backend not in DEPLOY_BACKENDS:
+        raise ValueError(f"deploy backend {backend!r}; allowed: {', '.join(DEPLOY_BACKENDS)}")
+    preset = model_preset(model)
+    if backend == "tflite":
+        _import_decomposed()
+    res = _resolution(model, resolution)
+    model = copy.deepcopy(model).eval()
+    for q in quantizers(model):
+        if isinstance(q, ActQuantizer) and backend_active(q) and not isinstance(q, (FixedQuantizer, OriginalPresetQuantizer)) \
+                and not bool(q.initialized):
+            raise ValueError("the model has quantizers without learned scales (never run in LSQ+ mode): "
+                             "load a trained LSQ+ checkpoint or run a forward pass first")
+    inputs = _record_inputs(model, res)
+    frozen = {id(q): _frozen_act(q, backend, preset) for q in quantizers(model) if isinstance(q, ActQuantizer)}
+    names = {m: n for n, m in model.named_modules()}
+    done: set[int] = set()
+
+    # conv -> BN pairs: DynamicConvBNAct (a K3 stack folds its BN into its last active conv)
+    for cba in [m for m in model.modules() if isinstance(m, DynamicConvBNAct)]:
+        convs = ([c for c in cba.conv.convs[: (cba.conv.active_kernel_size - 1) // 2]]
+                 if isinstance(cba.conv, DynamicK3DWStack) else [cba.conv])
+        if convs[-1] not in inputs:
+            continue  # not on the active path
+        for i, conv in enumerate(convs):
+            bn = cba.bn if i == len(convs) - 1 else None
+            new = _fold(conv, bn, inputs[conv].shape[1], frozen[id(conv.act_quant)], backend)
+            _set_child(model, names[conv], new)
+            done.add(id(conv))
+        if not isinstance(cba.bn, DynamicBatchNorm2d) and not isinstance(cba.bn, nn.BatchNorm2d):
+            raise ValueError(f"{names[cba]}: unexpected normalisation {type(cba.bn).__name__}")
+        cba.bn = nn.Identity()
+    for name, m in list(model.named_modules()):
+        if id(m) in done:
+            continue
+        if isinstance(m, DynamicConv2d) and m in inputs:  # SE convs (own bias, no BN)
+            _set_child(model, name, _fold(m, None, inputs[m].shape[1], frozen[id(m.act_quant)], backend))
+        elif isinstance(m, DynamicLinear) and m in inputs:
+            cin = inputs[m].shape[1]
+            w = m.weight[: m.active_out_features, :cin].detach().contiguous()
+            q, s = _int_weight(m, w)
+            bias = None if m.bias is None else m.bias[: m.active_out_features]
+            _set_child(model, name, FrozenLinear((q * s.view(-1, 1)).float(), s.float(), bias,
+                                                 frozen[id(m.act_quant)], backend))
+    for name, m in list(model.named_modules()):
+        if isinstance(m, ActQuantizer) and id(m) in frozen:
+            _set_child(model, name, frozen[id(m)])
+        elif isinstance(m, nn.BatchNorm2d) and m in inputs:
+            raise ValueError(f"{name}: a BatchNorm not after a conv cannot be folded")
+    model.deploy_backend, model.deploy_preset, model.resolution = backend, preset, res
+    return model.eval()
+
+
+def fp32_model(model: nn.Module) -> nn.Module:
+    """An fp32 eval copy (quantizers off): the network the original exported before re-quantizing it."""
+    from modules.lsq import set_quant_mode
+
+    m = copy.deepcopy(model).eval()
+    set_quant_mode(m, "fp32")
+    return m
+
+
+# ----------------------------------------------------------------------------- export
+def export_onnx_int8(model: nn.Module, path, resolution: int | None = None, opset: int = 17) -> str:
+    """Int8 QDQ ONNX of an LSQ+ network with its learned scales (TorchScript exporter, fixed batch 1,
+    input ``input`` / output ``output``); ORT fuses it into QLinearConv / QLinearAdd / ... kernels."""
+    from modules.export import export_onnx
+
+    import onnx
+
+    dm = deploy_model(model, "onnx", resolution)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, message=".*fake_quantize.*")
+        path = export_onnx(dm, dm.resolution, path, opset=opset)
+    proto = onnx.load(path)
+    if _quantize_gemm_bias(proto):
+        from modules.checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(path, proto.SerializeToString())
+    return path
+
+
+def _quantize_gemm_bias(proto) -> int:
+    """Give every Gemm whose input and weight are dequantized an int32 bias (scale s_x * s_w, per output
+    channel) behind a DequantizeLinear, as ORT's own quantizer writes it: ORT then runs QGemm (int8 with
+    float output) for the logits. (ORT quantizes a float bias itself only when a QuantizeLinear follows
+    the Gemm; our logits are not quantized.) Returns the number of Gemms changed."""
+    from onnx import helper, numpy_helper
+
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+
+    def value(name):
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        if name in consts:
+            return numpy_helper.to_array(consts[name].attribute[0].t)
+        return None
+
+    changed = 0
+    for n in g.node:
+        if n.op_type != "Gemm" or len(n.input) < 3 or not n.input[2] or n.input[2] not in inits:
+            continue
+        dq_x, dq_w = producer.get(n.input[0]), producer.get(n.input[1])
+        if not dq_x or not dq_w or dq_x.op_type != "DequantizeLinear" or dq_w.op_type != "DequantizeLinear":
+            continue
+        trans_b = next((a.i for a in n.attribute if a.name == "transB"), 0)
+        axis = next((a.i for a in dq_w.attribute if a.name == "axis"), 1)
+        s_x, s_w = value(dq_x.input[1]), value(dq_w.input[1])
+        if s_x is None or s_w is None or s_x.size != 1 or (s_w.size > 1 and axis != (0 if trans_b else 1)):
+            continue
+        bias = numpy_helper.to_array(inits[n.input[2]]).astype(np.float64)
+        scale = (float(s_x.reshape(-1)[0]) * s_w.astype(np.float64).reshape(-1) * np.ones_like(bias)).astype(np.float32)
+        q = np.clip(np.round(bias / scale.astype(np.float64)), -2**31, 2**31 - 1).astype(np.int32)
+        base = f"{n.name or n.output[0]}.bias"
+        g.initializer.extend([numpy_helper.from_array(q, f"{base}_int32"), numpy_helper.from_array(scale, f"{base}_scale"),
+                              numpy_helper.from_array(np.zeros_like(q), f"{base}_zero_point")])
+        dq = helper.make_node("DequantizeLinear", [f"{base}_int32", f"{base}_scale", f"{base}_zero_point"],
+                              [f"{base}_dq"], name=f"{base}_DequantizeLinear", axis=0)
+        g.node.insert(list(g.node).index(n), dq)
+        n.input[2] = f"{base}_dq"
+        changed += 1
+    return changed
+
+
+def export_onnx_fp32(model: nn.Module, path, resolution: int | None = None, opset: int = 17) -> str:
+    from modules.export import export_onnx
+
+    return export_onnx(fp32_model(model), _resolution(model, resolution), path, opset=opset)
+
+
+def _litert_convert(module: nn.Module, x: torch.Tensor, path, static_int8: bool) -> str:
+    from modules.export import _atomic_target, _import_litert_torch
+
+    litert_torch = _import_litert_torch()
+    path, tmp = _atomic_target(path, ".tflite")
+    try:
+        with torch.no_grad():
+            if static_int8:
+                from litert_torch.quantize import pt2e_quantizer, quant_config
+
+                # the quantizer only switches the converter to static Q/DQ fusion; the graph is already quantized
+                qcfg = quant_config.QuantConfig(pt2e_quantizer=pt2e_quantizer.PT2EQuantizer().set_global(
+                    pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True)))
+                gm = torch.export.export(module, (x,)).module()
+                edge = litert_torch.convert(gm, (x,), quant_config=qcfg)
+            else:
+                edge = litert_torch.convert(module, (x,))
+        edge.export(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return str(path)
+
+
+def export_tflite_int8(model: nn.Module, path, resolution: int | None = None) -> str:
+    """A real int8 ``.tflite`` of an LSQ+ network with its learned scales (litert-torch, static Q/DQ
+    fusion). Input: float32 NCHW ``[1, 3, r, r]``; output: float32 logits."""
+    dm = deploy_model(model, "tflite", resolution)
+    x = torch.randn(1, 3, dm.resolution, dm.resolution, generator=torch.Generator().manual_seed(0))
+    return _litert_convert(dm, x, path, static_int8=True)
+
+
+def export_tflite_fp32(model: nn.Module, path, resolution: int | None = None) -> str:
+    r = _resolution(model, resolution)
+    x = torch.randn(1, 3, r, r, generator=torch.Generator().manual_seed(0))
+    return _litert_convert(fp32_model(model), x, path, static_int8=False)
+
+
+# ----------------------------------------------------------------------------- running
+def ort_precise_default() -> bool:
+    """True on x86 CPUs without VNNI/AMX, where ORT's u8 x s8 kernels saturate (see module docstring)."""
+    from modules.export import cpu_has_vnni
+
+    is_x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+    return is_x86 and not cpu_has_vnni()
+
+
+def ort_session(path, threads: int = 1, precise: bool | None = None, profile: bool = False,
+                optimized_model_filepath: str | None = None):
+    """An ORT CPU session as `modules.benchmark.onnx_session` (ORT_ENABLE_ALL, sequential), plus
+    ``session.x64quantprecision=1`` when `precise` (None: `ort_precise_default()`)."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX model {path} not found")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.log_severity_level = 3
+    if ort_precise_default() if precise is None else precise:
+        so.add_session_config_entry("session.x64quantprecision", "1")
+    if profile:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"ort_profile_{os.getpid()}")
+    if optimized_model_filepath:
+        so.optimized_model_filepath = str(optimized_model_filepath)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def run_onnx_batch(path_or_session, x, threads: int = 1, precise: bool | None = None) -> np.ndarray:
+    """Outputs of a fixed-batch-1 ONNX model for every sample of `x` ([N, C, H, W])."""
+    sess = path_or_session if hasattr(path_or_session, "run") else ort_session(path_or_session, threads, precise)
+    name = sess.get_inputs()[0].name
+    x = np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
+    return np.concatenate([sess.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
+
+
+def run_tflite_batch(path, x, threads: int = 1) -> np.ndarray:
+    from modules.benchmark import run_tflite
+
+    x = np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
+    return run_tflite(path, x, threads=threads)
+
+
+def relative_error(y, ref) -> float:
+    """||y - ref|| / ||ref|| over all elements."""
+    y, ref = np.asarray(y, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    return float(np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+# ----------------------------------------------------------------------------- inspection
+def profile_onnx_blocks(path, runs: int = 50, warmup: int = 10, threads: int = 1, precise: bool | None = None,
+                        group_depth: int | None = None) -> dict[str, float]:
+    """Per-block mean kernel time (ms per inference) of an ONNX model from ORT's profiler; blocks
+    grouped from node names as `onnx_tools.inspect_int8` does."""
+    from onnx_tools.inspect_int8 import _node_groups, _path_group, optimized_graph
+
+    graph = optimized_graph(path)
+    group_of = dict(zip([n.name for n in graph.node], _node_groups(graph, group_depth)))
+    sess = ort_session(path, threads, precise, profile=True)
+    i = sess.get_inputs()[0]
+    x = np.random.default_rng(0).standard_normal([d if isinstance(d, int) else 1 for d in i.shape]).astype(np.float32)
+    for _ in range(warmup + runs):
+        sess.run(None, {i.name: x})
+    prof = sess.end_profiling()
+    try:
+        events = json.loads(Path(prof).read_text())
+    finally:
+        os.unlink(prof)
+    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")[warmup:]
+    per_run: list[dict[str, float]] = [{} for _ in starts]
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or not starts:
+            continue
+        k = int(np.searchsorted(starts, e.get("ts", 0), side="right")) - 1
+        if k < 0:
+            continue  # a warm-up run
+        node = e["name"][: -len("_kernel_time")]
+        g = group_of.get(node) or _path_group(node, group_depth) or "(io)"
+        per_run[k][g] = per_run[k].get(g, 0.0) + e.get("dur", 0) / 1e3
+    groups = {g for r in per_run for g in r}
+    # median over runs: robust to the other processes of a shared machine
+    return {g: float(np.median([r.get(g, 0.0) for r in per_run])) for g in groups}
+
+
+def inspect_deployed(int8_path, fp32_path=None, runs: int = 50, threads: int = 1, precise: bool | None = None,
+                     verbose: bool = True) -> list[dict]:
+    """Per-block report of an exported int8 ONNX model: the `onnx_tools.inspect_int8` rows (int8 kernels,
+    float ops left between DQ/Q after ORT's optimisation, status) plus, with the fp32 export of the same
+    network, each block's profiled kernel time in int8 and fp32 and a warning for blocks slower in int8."""
+    from onnx_tools.inspect_int8 import inspect_onnx_int8
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows = inspect_onnx_int8(int8_path, verbose=False)
+    if fp32_path is not None:
+        t8 = profile_onnx_blocks(int8_path, runs, threads=threads, precise=precise)
+        t32 = profile_onnx_blocks(fp32_path, runs, threads=threads, precise=precise)
+        for r in rows:
+            g = r["group"]
+            a = sum(t8.values()) if g == "TOTAL" else t8.get(g)
+            b = sum(t32.values()) if g == "TOTAL" else t32.get(g)
+            r["int8_ms"] = "" if a is None else f"{a:.4f}"
+            r["fp32_ms"] = "" if b is None else f"{b:.4f}"
+            r["speedup"] = f"{b / a:.2f}" if a and b else ""
+            slower = bool(a and b and a > b)
+            r["warning"] = "SLOWER IN INT8" if slower else ("float fallback" if r["status"] == "FLOAT FALLBACK" else "")
+    else:
+        for r in rows:
+            r["warning"] = "float fallback: may be slower in int8" if r["status"] == "FLOAT FALLBACK" else ""
+    if verbose:
+        cols = ["group", "int8_kernels", "float_ops", "qdq_nodes", "status"]
+        cols += ["int8_ms", "fp32_ms", "speedup"] if fp32_path is not None else []
+        cols += ["warning", "float_op_types"]
+        print(f"{int8_path}: ORT-optimised graph, per block")
+        print(format_rows(rows, cols))
+        bad = [r["group"] for r in rows[:-1] if r["warning"]]
+        if bad:
+            warnings.warn(f"{Path(int8_path).name}: block(s) {', '.join(bad)} keep float compute or run slower in "
+                          "INT8 than in FP32", stacklevel=2)
+    return rows
+
+
+def format_rows(rows: list[dict], cols: list[str], markdown: bool = False) -> str:
+    cells = [[str(r.get(c, "")) for c in cols] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(x) + " |" for x in cells])
+    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
