@@ -394,15 +394,28 @@ def _ort_session(model_bytes: bytes, threads: int):
 _ORT_NP = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
 
 
-def _session_runner(sess):
+def _session_runner(sess, iobinding: bool = False):
+    """A no-argument callable running `sess` once on a fixed random input. ``iobinding``: input and output
+    bound once to preallocated buffers (no per-run output allocation and copy to numpy, as between two
+    blocks inside a network)."""
+    import onnxruntime as ort
+
     i = sess.get_inputs()[0]
     dtype = _ORT_NP.get(i.type, np.float32)
     shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
     rng = np.random.default_rng(0)
     x = (rng.standard_normal(shape).astype(dtype) if dtype == np.float32
          else rng.integers(0, 128, size=shape).astype(dtype))
-    feed = {i.name: x}
-    return lambda: sess.run(None, feed)
+    if not iobinding:
+        feed = {i.name: x}
+        return lambda: sess.run(None, feed)
+    b = sess.io_binding()
+    b.bind_cpu_input(i.name, x)
+    for o in sess.get_outputs():
+        oshape = [d if isinstance(d, int) and d > 0 else 1 for d in o.shape]
+        b.bind_ortvalue_output(o.name, ort.OrtValue.ortvalue_from_shape_and_type(oshape, _ORT_NP.get(o.type, np.float32)))
+    b._keep = x  # the bound input must outlive the binding
+    return lambda: sess.run_with_iobinding(b)
 
 
 CLOCKS = ("cpu", "wall")
@@ -410,7 +423,7 @@ STATS = ("median", "p20", "min", "mean")
 
 
 def time_callable(fn, min_runs: int = 15, max_runs: int = 300, min_time: float = 0.04, warmup: int = 3,
-                  warmup_time: float = 0.01, clock: str = "cpu") -> dict:
+                  warmup_time: float = 0.01, clock: str = "cpu", ref=None) -> dict:
     """Timing statistics (ms: median, p20, min, mean, std; runs) of `fn()`: `warmup` calls (at least
     `warmup_time` s), then calls until at least `min_runs` runs and `min_time` s of measured time (at
     most `max_runs`).
@@ -419,25 +432,47 @@ def time_callable(fn, min_runs: int = 15, max_runs: int = 300, min_time: float =
     Runtime and LiteRT compute on the calling thread, so this is the latency without the time spent
     waiting for a core on a shared machine (on this 2-core VM under load 9 the wall clock is 3-4x the
     CPU time and varies by tens of %). ``clock="wall"`` is ``time.perf_counter`` (use it on a
-    dedicated device, or with several threads)."""
+    dedicated device, or with several threads).
+
+    `ref` (a callable): a fixed reference model timed interleaved with `fn` (after each `fn` run, enough
+    reference runs to match its time, at least one). Adds ``ref_median`` and ``ratio_<stat>`` =
+    <stat>(fn) / median(ref): on a shared machine whole-machine slow phases (x1.4-1.5 for seconds, from
+    cache and SMT contention) hit both alike, so the ratio is far steadier than either time."""
     if clock not in CLOCKS:
         raise ValueError(f"clock {clock!r}: use one of {CLOCKS}")
     now = time.thread_time if clock == "cpu" else time.perf_counter
     t_end = time.perf_counter() + warmup_time
     for _ in range(max(warmup, 1)):
         fn()
+        if ref is not None:
+            ref()
     while time.perf_counter() < t_end:
         fn()
-    times, total = [], 0.0
+    times, rtimes, total, rtotal = [], [], 0.0, 0.0
     while len(times) < max_runs and (len(times) < min_runs or total < min_time):
         t0 = now()
         fn()
         dt = now() - t0
         times.append(dt)
         total += dt
+        if ref is not None:
+            while True:  # as much reference time as measured time, at least one run each
+                t0 = now()
+                ref()
+                rdt = now() - t0
+                rtimes.append(rdt)
+                rtotal += rdt
+                if rtotal >= total:
+                    break
     t = np.asarray(times) * 1e3
-    return {"median": float(np.median(t)), "p20": float(np.percentile(t, 20)), "min": float(t.min()),
-            "mean": float(t.mean()), "std": float(t.std()), "runs": int(t.size), "clock": clock}
+    out = {"median": float(np.median(t)), "p20": float(np.percentile(t, 20)), "min": float(t.min()),
+           "mean": float(t.mean()), "std": float(t.std()), "runs": int(t.size), "clock": clock}
+    if ref is not None:
+        r = float(np.median(rtimes) * 1e3)
+        out["ref_median"] = r
+        for k in STATS:
+            out[f"ratio_{k}"] = out[k] / r
+    return out
 
 
 def _fake_calibration_cache(model, path: str) -> None:
@@ -561,12 +596,49 @@ def strip_boundary_qdq(model, keep_input: bool = False, keep_output: bool = Fals
     return model
 
 
+def nhwc_boundaries(model) -> None:
+    """Give a quantized block uint8 NHWC input / output (in place): a Transpose to NCHW after a 4-D uint8
+    graph input and a Transpose to NHWC before a 4-D uint8 graph output. ONNX Runtime runs int8 convs in
+    NHWC and, inside a network, keeps tensors NHWC from one block to the next; here its layout pass
+    cancels these transposes against its own, so the standalone block runs without layout changes at
+    its ends, as it does inside the network."""
+    from onnx import TensorProto, helper
+
+    g = model.graph
+    inp, out = g.input[0], g.output[0]
+
+    def dims(v):
+        return [d.dim_value for d in v.type.tensor_type.shape.dim]
+
+    if inp.type.tensor_type.elem_type == TensorProto.UINT8 and len(dims(inp)) == 4:
+        n_, c, h, w = dims(inp)
+        for n in g.node:
+            for i, x in enumerate(n.input):
+                if x == inp.name:
+                    n.input[i] = "input_nchw"
+        g.node.insert(0, helper.make_node("Transpose", [inp.name], ["input_nchw"], perm=[0, 3, 1, 2], name="input_T"))
+        inp.CopyFrom(helper.make_tensor_value_info(inp.name, TensorProto.UINT8, [n_, h, w, c]))
+    if out.type.tensor_type.elem_type == TensorProto.UINT8 and len(dims(out)) == 4:
+        n_, c, h, w = dims(out)
+        for n in g.node:
+            for i, x in enumerate(n.output):
+                if x == out.name:
+                    n.output[i] = "output_nchw"
+            for i, x in enumerate(n.input):
+                if x == out.name:
+                    n.input[i] = "output_nchw"
+        g.node.append(helper.make_node("Transpose", ["output_nchw"], [out.name], perm=[0, 2, 3, 1], name="output_T"))
+        out.CopyFrom(helper.make_tensor_value_info(out.name, TensorProto.UINT8, [n_, h, w, c]))
+
+
 def block_model_bytes(cfg: dict, platform: str, fmt: str = "qdq", workdir: str | None = None) -> bytes:
-    """The serialized ONNX model measured for one block on an ORT platform."""
+    """The serialized ONNX model measured for one block on an ORT platform (INT8: boundary Q/DQ cut,
+    uint8 NHWC input and output, see :func:`strip_boundary_qdq` and :func:`nhwc_boundaries`)."""
     model = block_onnx(cfg)
     if platform == "ort_int8":
         model = quantize_block_onnx(model, fmt, workdir=workdir)
         strip_boundary_qdq(model, keep_input=cfg["name"] == "FirstConv", keep_output=cfg["name"] == "Logits")
+        nhwc_boundaries(model)
     return model.SerializeToString()
 
 
@@ -583,10 +655,21 @@ def _overhead_model_bytes() -> bytes:
 
 
 # =============================================================================================== measuring
+ORT_PLATFORMS = ("ort_int8", "ort_fp32")
+# The reference workload timed interleaved with every ORT measurement (normalize=True): a small whole
+# network (FirstConv, ResNet, inverted residuals, hswish head, FC), ~0.1-0.3 ms.
+REFERENCE = ("tiny-111111-000000", "min", 48)
+
+
 @dataclasses.dataclass
 class MeasureConfig:
     """How one model is timed (:func:`time_callable`): warm-up, then runs until `min_runs` and
-    `min_time` s; `stat` of the per-run times on `clock` is the figure kept."""
+    `min_time` s; `stat` of the per-run times on `clock` is the figure kept.
+
+    ``normalize`` (ORT platforms): a fixed reference network (:data:`REFERENCE`) is timed interleaved
+    with the model and the figure is ``stat(model) / median(reference) * ref_ms``, i.e. milliseconds at
+    the reference's nominal speed ``ref_ms`` (measured once per table, in a fast phase, and stored with
+    it). Slow phases of a shared machine then cancel out; the raw figures are kept as ``raw_<stat>``."""
     threads: int = 1
     min_runs: int = 15
     max_runs: int = 300
@@ -596,6 +679,8 @@ class MeasureConfig:
     stat: str = "median"  # median | p20 | min | mean
     quant_format: str = "qdq"  # ort_int8: qdq | qoperator
     use_xnnpack: bool = True  # tflite_*
+    normalize: bool = True
+    ref_ms: float | None = None  # nominal reference time (set by measure_reference / the table)
 
     def __post_init__(self):
         if self.clock not in CLOCKS:
@@ -605,30 +690,64 @@ class MeasureConfig:
         if self.threads > 1 and self.clock == "cpu":
             raise ValueError("clock 'cpu' measures the calling thread only: use clock 'wall' with threads > 1")
 
-    def time(self, fn, min_runs: int | None = None, min_time: float | None = None, warmup: int | None = None) -> dict:
-        return time_callable(fn, self.min_runs if min_runs is None else min_runs, self.max_runs,
-                             self.min_time if min_time is None else min_time,
-                             self.warmup if warmup is None else warmup, clock=self.clock)
+    def time(self, fn, platform: str | None = None, min_runs: int | None = None, min_time: float | None = None,
+             warmup: int | None = None) -> dict:
+        """Statistics of `fn` (see the class doc); normalized on ORT `platform`s when ``normalize``."""
+        ref = None
+        if self.normalize and platform in ORT_PLATFORMS:
+            ref = reference_runner(platform, self)
+            if self.ref_ms is None:
+                self.ref_ms = measure_reference(platform, self)
+        st = time_callable(fn, self.min_runs if min_runs is None else min_runs, self.max_runs,
+                           self.min_time if min_time is None else min_time,
+                           self.warmup if warmup is None else warmup, clock=self.clock, ref=ref)
+        if ref is not None:
+            for k in STATS:
+                st[f"raw_{k}"] = st[k]
+                st[k] = st[f"ratio_{k}"] * self.ref_ms
+        return st
+
+
+_REF_RUNNERS: dict = {}
+
+
+def reference_runner(platform: str, mc: MeasureConfig):
+    """The (cached) runner of the reference network on an ORT platform."""
+    key = (platform, mc.threads, mc.quant_format)
+    if key not in _REF_RUNNERS:
+        sup, mode, r = REFERENCE
+        model = subnet_onnx(subnet_block_configs(sup, random_subnet(sup, None, r, mode)), seed=1)
+        if platform == "ort_int8":
+            model = quantize_block_onnx(model, mc.quant_format)
+        _REF_RUNNERS[key] = _session_runner(_ort_session(model.SerializeToString(), mc.threads), iobinding=True)
+    return _REF_RUNNERS[key]
+
+
+def measure_reference(platform: str, mc: MeasureConfig, chunks: int = 30) -> float:
+    """Nominal reference time (ms): the 20th percentile of `chunks` medians of 10 runs (a fast phase)."""
+    fn = reference_runner(platform, mc)
+    meds = [time_callable(fn, 10, 10, 0.0, 2, 0.0, mc.clock)["median"] for _ in range(chunks)]
+    return float(np.percentile(meds, 20))
 
 
 def measure_block(cfg: dict, platform: str, threads: int = 1, warmup: int = 3, runs: int = 15,
                   workdir: str | None = None, exporter: str = "direct", quant_format: str = "qdq",
-                  min_time: float = 0.04, clock: str = "cpu", stat: str = "median") -> float:
-    """Raw latency (ms, `stat` of `clock` times) of one block as a standalone model on `platform`, session
-    overhead included. ``exporter="torch"`` exports the torch block instead of writing the graph
-    directly (ORT platforms; slower, for checks)."""
+                  min_time: float = 0.04, clock: str = "cpu", stat: str = "median", normalize: bool = False) -> float:
+    """Latency (ms, `stat` of `clock` times) of one block as a standalone model on `platform`, session
+    overhead included (raw times unless ``normalize``). ``exporter="torch"`` exports the torch block
+    instead of writing the graph directly (ORT platforms; slower, for checks)."""
     mc = MeasureConfig(threads=threads, min_runs=runs, warmup=warmup, quant_format=quant_format,
-                       min_time=min_time, clock=clock, stat=stat)
+                       min_time=min_time, clock=clock, stat=stat, normalize=normalize)
     return _measure_block(cfg, platform, mc, workdir, exporter)[stat]
 
 
 def _measure_block(cfg: dict, platform: str, mc: MeasureConfig, workdir=None, exporter: str = "direct") -> dict:
-    if platform in ("ort_int8", "ort_fp32"):
+    if platform in ORT_PLATFORMS:
         if exporter == "torch":
             data = _torch_block_bytes(cfg, platform, mc.quant_format, workdir)
         else:
             data = block_model_bytes(cfg, platform, mc.quant_format, workdir)
-        return mc.time(_session_runner(_ort_session(data, mc.threads)))
+        return mc.time(_session_runner(_ort_session(data, mc.threads), iobinding=True), platform)
     if platform in ("tflite_int8", "tflite_fp32"):
         from modules import export
 
@@ -638,7 +757,7 @@ def _measure_block(cfg: dict, platform: str, mc: MeasureConfig, workdir=None, ex
             warnings.simplefilter("ignore")
             path = export.export_tflite(module, shape[2], os.path.join(tmp, "b.tflite"),
                                         int8=platform == "tflite_int8", in_channels=shape[1], num_random_calib=4)
-            return mc.time(_tflite_runner(path, mc))
+            return mc.time(_tflite_runner(path, mc), platform)
     raise ValueError(f"platform {platform!r} is not measured; measured platforms: {', '.join(MEASURED_PLATFORMS)}")
 
 
@@ -667,6 +786,7 @@ def _torch_block_bytes(cfg: dict, platform: str, fmt: str, workdir=None) -> byte
                                                  num_random_calib=2)
             m = strip_boundary_qdq(onnx.load(path), keep_input=cfg["name"] == "FirstConv",
                                    keep_output=cfg["name"] == "Logits")
+            nhwc_boundaries(m)
             return m.SerializeToString()
         return Path(path).read_bytes()
 
@@ -676,9 +796,8 @@ def measure_overhead(platform: str, mc: MeasureConfig | None = None, repeats: in
     mc = mc or MeasureConfig()
     vals = []
     for _ in range(repeats):
-        if platform.startswith("ort"):
-            fn = _session_runner(_ort_session(_overhead_model_bytes(), mc.threads))
-            vals.append(mc.time(fn, min_runs=200, min_time=0.05, warmup=20)[mc.stat])
+        if platform in ORT_PLATFORMS:
+            fn = _session_runner(_ort_session(_overhead_model_bytes(), mc.threads), iobinding=True)
         else:
             import torch
 
@@ -688,7 +807,8 @@ def measure_overhead(platform: str, mc: MeasureConfig | None = None, repeats: in
                 warnings.simplefilter("ignore")
                 path = export.export_tflite(torch.nn.ReLU(), 2, os.path.join(tmp, "o.tflite"),
                                             int8=platform == "tflite_int8", in_channels=1, num_random_calib=2)
-                vals.append(mc.time(_tflite_runner(path, mc), min_runs=200, min_time=0.05, warmup=20)[mc.stat])
+                fn = _tflite_runner(path, mc)
+        vals.append(mc.time(fn, platform, min_runs=200, min_time=0.02, warmup=20)[mc.stat])
     return float(np.median(vals))
 
 
@@ -700,7 +820,7 @@ def export_subnet(net, platform: str, directory: str, quant_format: str = "qdq",
     res = getattr(net, "resolution", None) or getattr(net, "active_resolution")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=export.RandomCalibrationWarning)
-        if platform in ("ort_int8", "ort_fp32"):
+        if platform in ORT_PLATFORMS:
             path = export.export_onnx(net, res, os.path.join(directory, "m.onnx"))
             if platform == "ort_int8":
                 path = export.quantize_onnx_int8(path, os.path.join(directory, "m_int8.onnx"), calib,
@@ -714,15 +834,16 @@ def export_subnet(net, platform: str, directory: str, quant_format: str = "qdq",
 
 def measure_model_file(path, platform: str, mc: MeasureConfig | None = None, min_runs: int = 20,
                        min_time: float = 0.3, warmup: int = 5) -> dict:
-    """Timing statistics (ms) of a model file, sessions configured as `modules.benchmark`."""
+    """Timing statistics (ms) of a model file, sessions configured as `modules.benchmark`; the model is run
+    as deployed (``session.run`` with a float input)."""
     from modules import benchmark
 
     mc = mc or MeasureConfig()
-    if platform.startswith("ort"):
+    if platform in ORT_PLATFORMS:
         fn = _session_runner(benchmark.onnx_session(path, mc.threads))
     else:
         fn = _tflite_runner(path, mc)
-    return mc.time(fn, min_runs=min_runs, min_time=min_time, warmup=warmup)
+    return mc.time(fn, platform, min_runs=min_runs, min_time=min_time, warmup=warmup)
 
 
 def measure_subnet(net, platform: str, mc: MeasureConfig | None = None, workdir: str | None = None,
@@ -735,20 +856,27 @@ def measure_subnet(net, platform: str, mc: MeasureConfig | None = None, workdir:
         return measure_model_file(path, platform, mc, **timing)
 
 
+def subnet_model_bytes(block_configs: list[dict], platform: str, quant_format: str = "qdq",
+                       workdir: str | None = None) -> bytes:
+    """A whole network written directly (:func:`subnet_onnx`, then :func:`quantize_block_onnx` for
+    ort_int8; float input and output, as deployed)."""
+    if platform not in ORT_PLATFORMS:
+        raise ValueError(f"directly written models are ONNX: ort_int8 / ort_fp32, not {platform!r} (use measure_subnet)")
+    model = subnet_onnx(block_configs)
+    if platform == "ort_int8":
+        model = quantize_block_onnx(model, quant_format, workdir=workdir)
+    return model.SerializeToString()
+
+
 def measure_configs(block_configs: list[dict], platform: str, mc: MeasureConfig | None = None,
                     workdir: str | None = None, min_runs: int = 20, min_time: float = 0.3, warmup: int = 5) -> dict:
     """End-to-end timing statistics (ms) of a whole network given by its block configs, written directly
-    (:func:`subnet_onnx`, then :func:`quantize_block_onnx` for ort_int8; float input and output as
-    deployed). The graph is node for node what the torch export + `modules.export.quantize_onnx_int8`
-    gives (the test suite checks it), built in a fraction of the time. ORT platforms only."""
+    (:func:`subnet_model_bytes`): node for node what the torch export + `modules.export.quantize_onnx_int8`
+    give (the test suite checks it), built in a fraction of the time. ORT platforms only."""
     mc = mc or MeasureConfig()
-    if platform not in ("ort_int8", "ort_fp32"):
-        raise ValueError(f"measure_configs supports ort_int8 / ort_fp32, not {platform!r} (use measure_subnet)")
-    model = subnet_onnx(block_configs)
-    if platform == "ort_int8":
-        model = quantize_block_onnx(model, mc.quant_format, workdir=workdir)
-    fn = _session_runner(_ort_session(model.SerializeToString(), mc.threads))
-    return mc.time(fn, min_runs=min_runs, min_time=min_time, warmup=warmup)
+    data = subnet_model_bytes(block_configs, platform, mc.quant_format, workdir)
+    fn = _session_runner(_ort_session(data, mc.threads))
+    return mc.time(fn, platform, min_runs=min_runs, min_time=min_time, warmup=warmup)
 
 
 def device_info() -> dict:
@@ -821,7 +949,9 @@ def random_subnet(supernet, rng, resolution: int | None = None, mode: str = "ran
     from modules.superspace import SUBNET_STAGES
 
     choice = _as_choice(supernet)
-    pick = {"max": max, "min": min, "random": rng.choice}[mode]
+    if mode not in ("max", "min", "random"):
+        raise ValueError(f"subnet mode {mode!r}: use max, min or random")
+    pick = {"max": max, "min": min}.get(mode) or rng.choice
     stages = []
     for name in SUBNET_STAGES:
         spec, stage, window = choice.stage_spec(name)
@@ -912,7 +1042,8 @@ class LatencyPredictor:
     def __init__(self, platform: str, table_path: str | None = None, threads: int | None = None,
                  warmup: int = 3, runs: int = 15, measure_missing: bool = False, superspace: str | None = None,
                  fallback: str = "regression", min_time: float = 0.04, quant_format: str | None = None,
-                 clock: str | None = None, stat: str | None = None, workdir: str | None = None):
+                 clock: str | None = None, stat: str | None = None, normalize: bool | None = None,
+                 workdir: str | None = None):
         if platform not in PLATFORMS or platform == "nn_meter":
             allowed = ", ".join(p for p in PLATFORMS if p != "nn_meter")
             raise ValueError(f"latency platform {platform!r}; allowed: {allowed} (nn_meter: use load_predictor)")
@@ -921,8 +1052,10 @@ class LatencyPredictor:
         self.platform, self.superspace = platform, superspace
         # measurement settings: explicit argument > the table's > default; explicit vs table conflict = error
         self._explicit = {k: v for k, v in dict(threads=threads, quant_format=quant_format, clock=clock,
-                                                  stat=stat).items() if v is not None}
+                                                  stat=stat, normalize=normalize).items() if v is not None}
         self.mc = MeasureConfig(min_runs=runs, warmup=warmup, min_time=min_time, **self._explicit)
+        if platform not in ORT_PLATFORMS:
+            self.mc.normalize = False  # the reference network is an ONNX model
         self.table_path = Path(table_path) if table_path else None
         self.measure_missing, self.fallback, self.workdir = measure_missing, fallback, workdir
         self.table: dict[str, float] = {}
@@ -971,7 +1104,10 @@ class LatencyPredictor:
             overhead = None if overhead is None else float(overhead)
             calibration = list(data.get("calibration", []))
             settings = {"threads": int(data.get("threads", 1)), "quant_format": str(data.get("quant_format", "qdq")),
-                        "clock": str(data.get("clock", "wall")), "stat": str(data.get("stat", "median"))}
+                        "clock": str(data.get("clock", "wall")), "stat": str(data.get("stat", "median")),
+                        "normalize": bool(data.get("normalize", False))}
+            ref_ms = data.get("ref_ms")
+            ref_ms = None if ref_ms is None else float(ref_ms)
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             raise ValueError(f"latency table {path} is corrupted ({type(e).__name__}: {e}); delete it to "
                              "re-measure") from None
@@ -983,7 +1119,7 @@ class LatencyPredictor:
             if k in self._explicit and self._explicit[k] != v:
                 raise ValueError(f"latency table {path} was measured with {k}={v!r}, not {self._explicit[k]!r}")
         try:
-            self.mc = dataclasses.replace(self.mc, **settings)
+            self.mc = dataclasses.replace(self.mc, ref_ms=ref_ms, **settings)
         except ValueError as e:
             raise ValueError(f"latency table {path}: {e}") from None
         self.table, self.raw, self.corrections, self.overhead_ms = blocks, raw, corrections, overhead
@@ -1000,6 +1136,8 @@ class LatencyPredictor:
         self.table_path.parent.mkdir(parents=True, exist_ok=True)
         data = {"version": TABLE_VERSION, "platform": self.platform, "threads": self.threads,
                 "quant_format": self.mc.quant_format, "clock": self.mc.clock, "stat": self.mc.stat,
+                "normalize": self.mc.normalize, "ref_ms": self.mc.ref_ms,
+                "reference": "-".join(map(str, REFERENCE)) if self.mc.normalize else None,
                 "device": self.device or device_info(),
                 "overhead_ms": self.overhead_ms,
                 "corrections": {k: list(v) for k, v in sorted(self.corrections.items())},
