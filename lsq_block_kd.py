@@ -26,7 +26,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace):
     out = run_block_kd(args, "lsq")
-    return 0 if not out.get("stopped") else 143
+    return 143 if out.get("stopped") else out  # stopped by SIGTERM: exit code 128 + 15
 
 
 if __name__ == "__main__":

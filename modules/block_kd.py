@@ -5,7 +5,9 @@
 * `nsr_loss`: per (n, c), mean_hw (S - T)^2 / (unbiased var_hw(T) + eps), averaged. Normalised by the
   *teacher's* variance with an eps (the original divides by the student's, without eps: spec §13.1 item 7).
 * `FeatureCache`: teacher (stage input, stage output) per resolution for a fixed BN-calibration set and a
-  fixed held-out set, computed once.
+  fixed held-out set, computed once. Both use the evaluation transform: calibration images are train images
+  (never held-out ones); calibrating on augmented crops and measuring on centre crops shifts the BN statistics,
+  which penalises deeper sub-stages (more BN layers) and hid the size/NSR relation in the LUT.
 * `train_step`: the sandwich step for many (stage, block) students at once: one teacher pass per batch and
   resolution feeds every student; 4 sub-stages per student (max @ max res, min @ min res, 2 random @ random
   res), gradients accumulated, ONE all-reduce for all students' gradients (and the stop flag), value
@@ -35,6 +37,7 @@ from typing import Iterable, Sequence
 
 import torch
 import torch.nn as nn
+from torch.utils.data import Subset
 
 from modules import dist
 from modules.checkpoint import (atomic_save, atomic_write_text, build_checkpoint, load_checkpoint,
@@ -369,14 +372,15 @@ def init_lsq_from_data(model: StagePlusProj, inputs: torch.Tensor, seed: int, ma
     was_training = model.training
     model.eval()
     rng = random.Random(f"{seed}-lsq-init-{model.key}")
-    qs = quantizers(model)
+    # quantizers with learned state carry an `initialized` buffer (fixed-grid / pass-through ones do not)
+    qs = [q for q in quantizers(model) if q.enabled and isinstance(getattr(q, "initialized", None), torch.Tensor)]
     for i in range(max_samples):
         model.sample(rng, ("max", "min")[i] if i < 2 else "random")
         model(inputs)
-        if all(bool(q.initialized) for q in qs if q.enabled):
+        if all(bool(q.initialized) for q in qs):
             break
     model.train(was_training)
-    return sum(not bool(q.initialized) for q in qs if q.enabled)
+    return sum(not bool(q.initialized) for q in qs)
 
 
 class _StopFlag:
@@ -529,7 +533,8 @@ def run_block_kd(args: argparse.Namespace, phase: str) -> dict:
     train_set, held = split_holdout(train_full, args.valid_size, args.seed, held_view)
     loader = build_loader(train_set, args.batch_size, True, args.workers, info.distributed, args.seed)
     steps_per_epoch = len(loader) if args.max_steps_per_epoch is None else min(len(loader), args.max_steps_per_epoch)
-    calib_loader = build_loader(train_set, args.batch_size, True, args.workers, info.distributed, args.seed + 1)
+    calib_loader = build_loader(Subset(held_view, train_set.indices), args.batch_size, True, args.workers,
+                                info.distributed, args.seed + 1)
     calib_imgs = [b[0].to(device) for b in calib_batches(calib_loader, args.num_calib_batches)]
     eval_loader = build_loader(held, args.eval_batch_size, False, args.workers, info.distributed)
     eval_imgs = [b[0].to(device) for b in eval_loader]
@@ -791,7 +796,7 @@ def build_lut_shard(cfg: dict, shard: int, num_shards: int, threads: int | None 
     train_full = build_dataset(a.data_dir, "train", True, size)
     held_view = build_dataset(a.data_dir, "train", False, size)
     train_set, held = split_holdout(train_full, a.valid_size, a.seed, held_view)
-    calib_loader = build_loader(train_set, a.calib_batch_size, True, 0, False, a.seed + 1)
+    calib_loader = build_loader(Subset(held_view, train_set.indices), a.calib_batch_size, True, 0, False, a.seed + 1)
     calib_imgs = [bt[0] for bt in calib_batches(calib_loader, a.num_calib_batches)]
     eval_imgs = [bt[0] for bt in build_loader(held, a.eval_batch_size, False, 0)]
     cache = FeatureCache.build(teacher, calib_imgs, eval_imgs, hw_list, sorted({x for x, _, _ in todo}))

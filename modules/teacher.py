@@ -237,7 +237,7 @@ class _ResBlock(nn.Module):
 
 def tiny_teacher_arch(space: SuperSpace) -> dict:
     """Architecture of the tiny teacher: strides from the superspace (first_conv, stage0..stage6)."""
-    return {"arch": TINY_TEACHER_ARCH, "widths": [8, 8, 16, 24, 32, 48, 64, 80], "depths": [1, 1, 2, 2, 2, 2, 1],
+    return {"arch": TINY_TEACHER_ARCH, "widths": [8, 8, 32, 48, 64, 96, 112, 128], "depths": [1] * 7,
             "strides": [s.stride for s in space.stages[:8]], "head_width": 128, "num_classes": space.num_classes,
             "cin": space.cin}
 
