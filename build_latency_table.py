@@ -53,7 +53,8 @@ def get_args_parser():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clock", default="cpu", choices=CLOCKS,
                    help="cpu: thread CPU time (robust on a shared machine, 1 thread); wall: perf_counter")
-    p.add_argument("--stat", default="median", choices=STATS, help="statistic of the per-run times")
+    p.add_argument("--stat", default="min", choices=STATS,
+                   help="statistic of the per-run times (min: most repeatable on a shared machine)")
     p.add_argument("--min_runs", type=int, default=15, help="timed runs per block (at least)")
     p.add_argument("--min_time", type=float, default=0.03, help="measured seconds per block (at least)")
     p.add_argument("--quant_format", default="qdq", choices=("qdq", "qoperator"), help="ort_int8 quantization format")

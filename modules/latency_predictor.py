@@ -423,56 +423,34 @@ STATS = ("median", "p20", "min", "mean")
 
 
 def time_callable(fn, min_runs: int = 15, max_runs: int = 300, min_time: float = 0.04, warmup: int = 3,
-                  warmup_time: float = 0.01, clock: str = "cpu", ref=None) -> dict:
+                  warmup_time: float = 0.01, clock: str = "cpu") -> dict:
     """Timing statistics (ms: median, p20, min, mean, std; runs) of `fn()`: `warmup` calls (at least
     `warmup_time` s), then calls until at least `min_runs` runs and `min_time` s of measured time (at
     most `max_runs`).
 
     ``clock="cpu"`` measures the calling thread's CPU time (``time.thread_time``): with one thread, ONNX
     Runtime and LiteRT compute on the calling thread, so this is the latency without the time spent
-    waiting for a core on a shared machine (on this 2-core VM under load 9 the wall clock is 3-4x the
+    waiting for a core on a shared machine (on this 2-core VM under load 6-9 the wall clock is 2-4x the
     CPU time and varies by tens of %). ``clock="wall"`` is ``time.perf_counter`` (use it on a
-    dedicated device, or with several threads).
-
-    `ref` (a callable): a fixed reference model timed interleaved with `fn` (after each `fn` run, enough
-    reference runs to match its time, at least one). Adds ``ref_median`` and ``ratio_<stat>`` =
-    <stat>(fn) / median(ref): on a shared machine whole-machine slow phases (x1.4-1.5 for seconds, from
-    cache and SMT contention) hit both alike, so the ratio is far steadier than either time."""
+    dedicated device, or with several threads)."""
     if clock not in CLOCKS:
         raise ValueError(f"clock {clock!r}: use one of {CLOCKS}")
     now = time.thread_time if clock == "cpu" else time.perf_counter
     t_end = time.perf_counter() + warmup_time
     for _ in range(max(warmup, 1)):
         fn()
-        if ref is not None:
-            ref()
     while time.perf_counter() < t_end:
         fn()
-    times, rtimes, total, rtotal = [], [], 0.0, 0.0
+    times, total = [], 0.0
     while len(times) < max_runs and (len(times) < min_runs or total < min_time):
         t0 = now()
         fn()
         dt = now() - t0
         times.append(dt)
         total += dt
-        if ref is not None:
-            while True:  # as much reference time as measured time, at least one run each
-                t0 = now()
-                ref()
-                rdt = now() - t0
-                rtimes.append(rdt)
-                rtotal += rdt
-                if rtotal >= total:
-                    break
     t = np.asarray(times) * 1e3
-    out = {"median": float(np.median(t)), "p20": float(np.percentile(t, 20)), "min": float(t.min()),
-           "mean": float(t.mean()), "std": float(t.std()), "runs": int(t.size), "clock": clock}
-    if ref is not None:
-        r = float(np.median(rtimes) * 1e3)
-        out["ref_median"] = r
-        for k in STATS:
-            out[f"ratio_{k}"] = out[k] / r
-    return out
+    return {"median": float(np.median(t)), "p20": float(np.percentile(t, 20)), "min": float(t.min()),
+            "mean": float(t.mean()), "std": float(t.std()), "runs": int(t.size), "clock": clock}
 
 
 def _fake_calibration_cache(model, path: str) -> None:
@@ -631,14 +609,20 @@ def nhwc_boundaries(model) -> None:
         out.CopyFrom(helper.make_tensor_value_info(out.name, TensorProto.UINT8, [n_, h, w, c]))
 
 
-def block_model_bytes(cfg: dict, platform: str, fmt: str = "qdq", workdir: str | None = None) -> bytes:
-    """The serialized ONNX model measured for one block on an ORT platform (INT8: boundary Q/DQ cut,
-    uint8 NHWC input and output, see :func:`strip_boundary_qdq` and :func:`nhwc_boundaries`)."""
+def block_model_bytes(cfg: dict, platform: str, fmt: str = "qdq", workdir: str | None = None,
+                      boundary: str = "network") -> bytes:
+    """The serialized ONNX model measured for one block on an ORT platform. INT8 with ``boundary="network"``
+    (default): block-boundary Q/DQ cut and uint8 NHWC input/output, as inside a network
+    (:func:`strip_boundary_qdq`, :func:`nhwc_boundaries`); ``"standalone"``: the quantized block as is
+    (float NCHW input and output, for comparisons)."""
+    if boundary not in ("network", "standalone"):
+        raise ValueError(f"boundary {boundary!r}: use 'network' or 'standalone'")
     model = block_onnx(cfg)
     if platform == "ort_int8":
         model = quantize_block_onnx(model, fmt, workdir=workdir)
-        strip_boundary_qdq(model, keep_input=cfg["name"] == "FirstConv", keep_output=cfg["name"] == "Logits")
-        nhwc_boundaries(model)
+        if boundary == "network":
+            strip_boundary_qdq(model, keep_input=cfg["name"] == "FirstConv", keep_output=cfg["name"] == "Logits")
+            nhwc_boundaries(model)
     return model.SerializeToString()
 
 
@@ -656,9 +640,6 @@ def _overhead_model_bytes() -> bytes:
 
 # =============================================================================================== measuring
 ORT_PLATFORMS = ("ort_int8", "ort_fp32")
-# The reference workload timed interleaved with every ORT measurement (normalize=True): a small whole
-# network (FirstConv, ResNet, inverted residuals, hswish head, FC), ~0.1-0.3 ms.
-REFERENCE = ("tiny-111111-000000", "min", 48)
 
 
 @dataclasses.dataclass
@@ -666,21 +647,20 @@ class MeasureConfig:
     """How one model is timed (:func:`time_callable`): warm-up, then runs until `min_runs` and
     `min_time` s; `stat` of the per-run times on `clock` is the figure kept.
 
-    ``normalize`` (ORT platforms): a fixed reference network (:data:`REFERENCE`) is timed interleaved
-    with the model and the figure is ``stat(model) / median(reference) * ref_ms``, i.e. milliseconds at
-    the reference's nominal speed ``ref_ms`` (measured once per table, in a fast phase, and stored with
-    it). Slow phases of a shared machine then cancel out; the raw figures are kept as ``raw_<stat>``."""
+    The default statistic is the **minimum**: on this shared 2-core machine, repeated measurements of
+    the same model agree best on it (whole onnxw subnets measured 3 times: mean max/min spread 13 % for
+    the minimum, 18 % for the median; blocks measured twice: median difference 7 % vs 10 %), because
+    interference (cache and SMT contention from other processes) only ever adds time. On a dedicated
+    device minimum and median nearly coincide."""
     threads: int = 1
     min_runs: int = 15
     max_runs: int = 300
     min_time: float = 0.04
     warmup: int = 3
     clock: str = "cpu"  # cpu (thread CPU time) | wall
-    stat: str = "median"  # median | p20 | min | mean
+    stat: str = "min"  # min | p20 | median | mean
     quant_format: str = "qdq"  # ort_int8: qdq | qoperator
     use_xnnpack: bool = True  # tflite_*
-    normalize: bool = True
-    ref_ms: float | None = None  # nominal reference time (set by measure_reference / the table)
 
     def __post_init__(self):
         if self.clock not in CLOCKS:
@@ -692,62 +672,31 @@ class MeasureConfig:
 
     def time(self, fn, platform: str | None = None, min_runs: int | None = None, min_time: float | None = None,
              warmup: int | None = None) -> dict:
-        """Statistics of `fn` (see the class doc); normalized on ORT `platform`s when ``normalize``."""
-        ref = None
-        if self.normalize and platform in ORT_PLATFORMS:
-            ref = reference_runner(platform, self)
-            if self.ref_ms is None:
-                self.ref_ms = measure_reference(platform, self)
-        st = time_callable(fn, self.min_runs if min_runs is None else min_runs, self.max_runs,
-                           self.min_time if min_time is None else min_time,
-                           self.warmup if warmup is None else warmup, clock=self.clock, ref=ref)
-        if ref is not None:
-            for k in STATS:
-                st[f"raw_{k}"] = st[k]
-                st[k] = st[f"ratio_{k}"] * self.ref_ms
-        return st
-
-
-_REF_RUNNERS: dict = {}
-
-
-def reference_runner(platform: str, mc: MeasureConfig):
-    """The (cached) runner of the reference network on an ORT platform."""
-    key = (platform, mc.threads, mc.quant_format)
-    if key not in _REF_RUNNERS:
-        sup, mode, r = REFERENCE
-        model = subnet_onnx(subnet_block_configs(sup, random_subnet(sup, None, r, mode)), seed=1)
-        if platform == "ort_int8":
-            model = quantize_block_onnx(model, mc.quant_format)
-        _REF_RUNNERS[key] = _session_runner(_ort_session(model.SerializeToString(), mc.threads), iobinding=True)
-    return _REF_RUNNERS[key]
-
-
-def measure_reference(platform: str, mc: MeasureConfig, chunks: int = 30) -> float:
-    """Nominal reference time (ms): the 20th percentile of `chunks` medians of 10 runs (a fast phase)."""
-    fn = reference_runner(platform, mc)
-    meds = [time_callable(fn, 10, 10, 0.0, 2, 0.0, mc.clock)["median"] for _ in range(chunks)]
-    return float(np.percentile(meds, 20))
+        """Timing statistics of `fn` with these settings (`platform` is informational)."""
+        return time_callable(fn, self.min_runs if min_runs is None else min_runs, self.max_runs,
+                             self.min_time if min_time is None else min_time,
+                             self.warmup if warmup is None else warmup, clock=self.clock)
 
 
 def measure_block(cfg: dict, platform: str, threads: int = 1, warmup: int = 3, runs: int = 15,
                   workdir: str | None = None, exporter: str = "direct", quant_format: str = "qdq",
-                  min_time: float = 0.04, clock: str = "cpu", stat: str = "median", normalize: bool = False) -> float:
+                  min_time: float = 0.04, clock: str = "cpu", stat: str = "min") -> float:
     """Latency (ms, `stat` of `clock` times) of one block as a standalone model on `platform`, session
-    overhead included (raw times unless ``normalize``). ``exporter="torch"`` exports the torch block
-    instead of writing the graph directly (ORT platforms; slower, for checks)."""
+    overhead included. ``exporter="torch"`` exports the torch block instead of writing the graph
+    directly (ORT platforms; slower, for checks)."""
     mc = MeasureConfig(threads=threads, min_runs=runs, warmup=warmup, quant_format=quant_format,
-                       min_time=min_time, clock=clock, stat=stat, normalize=normalize)
+                       min_time=min_time, clock=clock, stat=stat)
     return _measure_block(cfg, platform, mc, workdir, exporter)[stat]
 
 
-def _measure_block(cfg: dict, platform: str, mc: MeasureConfig, workdir=None, exporter: str = "direct") -> dict:
+def _measure_block(cfg: dict, platform: str, mc: MeasureConfig, workdir=None, exporter: str = "direct",
+                   boundary: str = "network") -> dict:
     if platform in ORT_PLATFORMS:
         if exporter == "torch":
             data = _torch_block_bytes(cfg, platform, mc.quant_format, workdir)
         else:
-            data = block_model_bytes(cfg, platform, mc.quant_format, workdir)
-        return mc.time(_session_runner(_ort_session(data, mc.threads), iobinding=True), platform)
+            data = block_model_bytes(cfg, platform, mc.quant_format, workdir, boundary)
+        return mc.time(_session_runner(_ort_session(data, mc.threads), iobinding=boundary == "network"), platform)
     if platform in ("tflite_int8", "tflite_fp32"):
         from modules import export
 
@@ -1042,8 +991,7 @@ class LatencyPredictor:
     def __init__(self, platform: str, table_path: str | None = None, threads: int | None = None,
                  warmup: int = 3, runs: int = 15, measure_missing: bool = False, superspace: str | None = None,
                  fallback: str = "regression", min_time: float = 0.04, quant_format: str | None = None,
-                 clock: str | None = None, stat: str | None = None, normalize: bool | None = None,
-                 workdir: str | None = None):
+                 clock: str | None = None, stat: str | None = None, workdir: str | None = None):
         if platform not in PLATFORMS or platform == "nn_meter":
             allowed = ", ".join(p for p in PLATFORMS if p != "nn_meter")
             raise ValueError(f"latency platform {platform!r}; allowed: {allowed} (nn_meter: use load_predictor)")
@@ -1052,10 +1000,8 @@ class LatencyPredictor:
         self.platform, self.superspace = platform, superspace
         # measurement settings: explicit argument > the table's > default; explicit vs table conflict = error
         self._explicit = {k: v for k, v in dict(threads=threads, quant_format=quant_format, clock=clock,
-                                                  stat=stat, normalize=normalize).items() if v is not None}
+                                                  stat=stat).items() if v is not None}
         self.mc = MeasureConfig(min_runs=runs, warmup=warmup, min_time=min_time, **self._explicit)
-        if platform not in ORT_PLATFORMS:
-            self.mc.normalize = False  # the reference network is an ONNX model
         self.table_path = Path(table_path) if table_path else None
         self.measure_missing, self.fallback, self.workdir = measure_missing, fallback, workdir
         self.table: dict[str, float] = {}
@@ -1064,7 +1010,7 @@ class LatencyPredictor:
         self.corrections: dict[str, tuple[float, float]] = {}
         self.calibration: list[dict] = []
         self.device: dict = {}
-        self._cache: dict[str, float] = {}  # block key -> latency (table or regression)
+        self._cache: dict[tuple, float] = {}  # block configuration -> latency (table or regression)
         self._regressor: BlockRegressor | None = None
         self._unsaved = 0
         self.stats = {"table": 0, "regression": 0, "measured": 0}
@@ -1104,10 +1050,7 @@ class LatencyPredictor:
             overhead = None if overhead is None else float(overhead)
             calibration = list(data.get("calibration", []))
             settings = {"threads": int(data.get("threads", 1)), "quant_format": str(data.get("quant_format", "qdq")),
-                        "clock": str(data.get("clock", "wall")), "stat": str(data.get("stat", "median")),
-                        "normalize": bool(data.get("normalize", False))}
-            ref_ms = data.get("ref_ms")
-            ref_ms = None if ref_ms is None else float(ref_ms)
+                        "clock": str(data.get("clock", "wall")), "stat": str(data.get("stat", "median"))}
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             raise ValueError(f"latency table {path} is corrupted ({type(e).__name__}: {e}); delete it to "
                              "re-measure") from None
@@ -1119,7 +1062,7 @@ class LatencyPredictor:
             if k in self._explicit and self._explicit[k] != v:
                 raise ValueError(f"latency table {path} was measured with {k}={v!r}, not {self._explicit[k]!r}")
         try:
-            self.mc = dataclasses.replace(self.mc, ref_ms=ref_ms, **settings)
+            self.mc = dataclasses.replace(self.mc, **settings)
         except ValueError as e:
             raise ValueError(f"latency table {path}: {e}") from None
         self.table, self.raw, self.corrections, self.overhead_ms = blocks, raw, corrections, overhead
@@ -1136,8 +1079,6 @@ class LatencyPredictor:
         self.table_path.parent.mkdir(parents=True, exist_ok=True)
         data = {"version": TABLE_VERSION, "platform": self.platform, "threads": self.threads,
                 "quant_format": self.mc.quant_format, "clock": self.mc.clock, "stat": self.mc.stat,
-                "normalize": self.mc.normalize, "ref_ms": self.mc.ref_ms,
-                "reference": "-".join(map(str, REFERENCE)) if self.mc.normalize else None,
                 "device": self.device or device_info(),
                 "overhead_ms": self.overhead_ms,
                 "corrections": {k: list(v) for k, v in sorted(self.corrections.items())},
@@ -1161,8 +1102,8 @@ class LatencyPredictor:
         raw = _measure_block(cfg, self.platform, self.mc, self.workdir)[self.mc.stat]
         self.raw[key] = raw
         self.table[key] = max(raw - overhead, 0.0)
-        self._cache[key] = self.table[key]
         self._regressor = None
+        self._cache.clear()  # regression predictions may change with the new entry
         self.stats["measured"] += 1
         self._unsaved += 1
         if self._unsaved >= _SAVE_EVERY:
@@ -1182,29 +1123,34 @@ class LatencyPredictor:
 
     def block_latency(self, cfg: dict) -> float:
         """Latency (ms) of one block inside a network: table entry, else measured (``measure_missing``),
-        else the regression fallback (cached per key)."""
-        key = block_key(cfg)
-        v = self._cache.get(key)
-        if v is not None:
-            return v
+        else the regression fallback (cached per block configuration)."""
+        ck = (cfg["name"], cfg["hw"], cfg["cin"], cfg["cout"], cfg["kernel"], cfg["expand"], cfg["stride"], cfg["act"],
+              cfg["se"])
+        v = self._cache.get(ck)
+        if v is None:
+            v = self._cache[ck] = self._lookup(cfg)
+        return v
+
+    def _lookup(self, cfg: dict) -> float:
         if self.platform == "macs":
-            v = self._cache[key] = block_mmacs(cfg) / 100.0
-            return v
+            return block_mmacs(cfg) / 100.0
+        key = block_key(cfg)
         if key in self.table:
             self.stats["table"] += 1
-            v = self._cache[key] = self.table[key]
-            return v
+            return self.table[key]
         if self.measure_missing:
             return self.measure(cfg)
         if self.fallback == "error":
             raise ValueError(f"block {key} is not in the latency table {self.table_path}; "
                              + BUILD_HINT.format(platform=self.platform))
         self.stats["regression"] += 1
-        v = self._cache[key] = max(self.regressor().predict(cfg), 0.0)
-        return v
+        return max(self.regressor().predict(cfg), 0.0)
 
     def blocks_sum(self, block_configs: list[dict]) -> float:
-        return sum(self.block_latency(c) for c in block_configs)
+        total = 0.0
+        for c in block_configs:
+            total += self.block_latency(c)
+        return total
 
     def predict_blocks(self, block_configs: list[dict]) -> float:
         a, b = self.correction
