@@ -86,6 +86,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="crop size delivered by the loaders; the model resizes to each subnet's resolution "
                         "(default: the largest supernet resolution)")
     g.add_argument("--hflip", action=bool_arg, default=False, help="random horizontal flips (natural images)")
+    g.add_argument("--crop_min_scale", type=float, default=0.35,
+                   help="RandomResizedCrop area scale range (min, 1) of the training crops (default: %(default)s)")
     g.add_argument("--val_split", choices=["holdout", "val"], default="holdout",
                    help="validate on --valid_size held-out train images, or on the val split (default: %(default)s)")
     g.add_argument("--valid_size", type=int, default=200, help="held-out train images (default: %(default)s)")
@@ -135,6 +137,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--deterministic", action=bool_arg, default=False,
                    help="deterministic kernels (bit-exact resume on CPU with a fixed --threads)")
     g.add_argument("--progress", action=bool_arg, default=True, help="tqdm progress bar")
+    g.add_argument("--plot", action=bool_arg, default=True, help="draw curves.png after each validation")
     return p
 
 
@@ -165,6 +168,8 @@ def check_args(args) -> None:
         raise ValueError(f"--num_arch_training {args.num_arch_training}: the sandwich rule needs >= 2 (max and min)")
     if args.alpha_min > args.alpha_max:
         raise ValueError(f"--alpha_min {args.alpha_min} > --alpha_max {args.alpha_max}")
+    if not 0 < args.crop_min_scale <= 1:
+        raise ValueError(f"--crop_min_scale {args.crop_min_scale}: expected a number in (0, 1]")
     if args.image_size is not None and args.image_size < 8:
         raise ValueError(f"--image_size {args.image_size}: expected >= 8")
 
@@ -178,7 +183,8 @@ def build_data(args, image_size: int, distributed: bool):
         dist.barrier()
     else:
         root = Path(args.data_path)
-    train_aug = build_dataset(root, "train", train=True, image_size=image_size, hflip=args.hflip)
+    train_aug = build_dataset(root, "train", train=True, image_size=image_size, hflip=args.hflip,
+                              min_scale=args.crop_min_scale)
     train_plain = build_dataset(root, "train", train=False, image_size=image_size)
     if args.val_split == "holdout":
         train_set, val_set = _holdout(train_aug, train_plain, args)
@@ -479,6 +485,7 @@ class Trainer:
         self.save(best)
         if dist.is_main_process():
             write_csv(self.run.csv, self.history, CSV_FIELDS)
+        if self.args.plot and dist.is_main_process() and row["max_acc"] is not None:  # a new point: redraw
             try:
                 plot_curves(self.run.png, self.history, f"{self.encoding} {self.args.quant_mode}")
             except Exception as e:  # a plotting problem must not stop training
@@ -512,7 +519,7 @@ def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.deterministic:
-        set_deterministic(True)
+        set_deterministic(True, info.device)
     run.dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run.dir, f"{run.prefix}train_supernet")
     if lsq:

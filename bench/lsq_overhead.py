@@ -92,16 +92,16 @@ class _ActFakeQuant(torch.autograd.Function):
     def backward(ctx, grad):
         t, scale, s, beta0, z, zp = ctx.saved_tensors
         c = t.clamp(0, ctx.levels)
-        inside = c == t
+        inside = (t > 0) & (t < ctx.levels)  # strict, like torch.clamp's backward
         gx = grad * inside
         term = c.round_().sub_(t * inside)  # round(t) - t inside, 0 / levels where clipped
         d_s = torch.dot(grad.reshape(-1), term.reshape(-1))
         d_beta = grad.sum() - gx.sum()
         if ctx.izp:  # beta = -zp * s with zp = round_ste(clamp(-beta0 / s, 0, levels))
-            zp_in = ((z >= 0) & (z <= ctx.levels)).to(t.dtype)
+            zp_in = ((z > 0) & (z < ctx.levels)).to(t.dtype)
             d_s = d_s - d_beta * zp - d_beta * zp_in * beta0 / s
             d_beta = d_beta * zp_in
-        d_scale = d_s.reshape(1) * ctx.g * torch.sign(scale) * (scale.abs() >= lsq.SCALE_FLOOR).to(t.dtype)
+        d_scale = d_s.reshape(1) * ctx.g * torch.sign(scale) * (scale.abs() > lsq.SCALE_FLOOR).to(t.dtype)
         return gx, d_scale, d_beta.reshape(1) * ctx.g, None, None, None
 
 
@@ -121,10 +121,10 @@ class _WeightFakeQuant(torch.autograd.Function):
     def backward(ctx, grad):
         t, scale = ctx.saved_tensors
         c = t.clamp(ctx.qmin, ctx.qmax)
-        inside = c == t
+        inside = (t > ctx.qmin) & (t < ctx.qmax)
         d = grad * c.round_().sub_(t * inside)
         d_s = d.reshape(-1).sum().reshape(1) if scale.numel() == 1 else d.reshape(d.shape[0], -1).sum(1)
-        d_scale = d_s * ctx.g * torch.sign(scale) * (scale.abs() >= lsq.SCALE_FLOOR).to(t.dtype)
+        d_scale = d_s * ctx.g * torch.sign(scale) * (scale.abs() > lsq.SCALE_FLOOR).to(t.dtype)
         return grad * inside, d_scale, None, None, None
 
 

@@ -103,11 +103,16 @@ def step_rng(seed: int, step: int) -> random.Random:
     return random.Random(int(seed) * 1_000_003 + int(step))
 
 
-def set_deterministic(enabled: bool = True) -> None:
-    """Deterministic kernels where torch has them (CPU runs are then bit-reproducible for a fixed thread count)."""
-    torch.use_deterministic_algorithms(bool(enabled), warn_only=True)
-    if torch.backends.cudnn.is_available():
-        torch.backends.cudnn.deterministic = bool(enabled)
+def set_deterministic(enabled: bool = True, device: str | torch.device = "cpu") -> None:
+    """Deterministic kernels. On CUDA: `torch.use_deterministic_algorithms` and deterministic cuDNN. On CPU the
+    kernels are already deterministic for a fixed thread count (no atomics); only oneDNN is pinned, since
+    `use_deterministic_algorithms` would import torch._inductor (seconds per process) for nothing."""
+    enabled = bool(enabled)
+    if hasattr(torch.backends, "mkldnn") and hasattr(torch.backends.mkldnn, "deterministic"):
+        torch.backends.mkldnn.deterministic = enabled
+    if torch.device(device).type == "cuda":
+        torch.use_deterministic_algorithms(enabled, warn_only=True)
+        torch.backends.cudnn.deterministic = enabled
         torch.backends.cudnn.benchmark = not enabled
 
 
@@ -308,7 +313,7 @@ def plot_curves(path, rows: list[dict], title: str = "") -> None:
     lines = ax1.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax1.legend(lines, [ln.get_label() for ln in lines], loc="center right")
     ax1.set_title(title)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.1, right=0.88, top=0.9, bottom=0.13)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
