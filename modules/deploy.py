@@ -67,9 +67,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modules.lsq import SCALE_FLOOR, ActQuantizer, WeightQuantizer, get_quant_mode, quantizers
-from modules.ops import (BACKEND_PRESETS, DynamicBatchNorm2d, DynamicConv2d, DynamicConvBNAct, DynamicK3DWStack,
-                         DynamicLinear, FixedQuantizer, OriginalPresetQuantizer, backend_active)
+from modules.lsq import ActQuantizer, WeightQuantizer, get_quant_mode, quantizers
+from modules.ops import (BACKEND_PRESETS, DynamicConv2d, DynamicLinear, OriginalPresetQuantizer, backend_active,
+                         fold_conv_bn, input_scale, int32_bias, weight_scale)
 
 __all__ = ["DEPLOY_BACKENDS", "FrozenActQuant", "FrozenConv2d", "FrozenLinear", "model_preset", "deploy_model",
            "fp32_model", "export_onnx_int8", "export_onnx_fp32", "export_tflite_int8", "export_tflite_fp32",
@@ -182,33 +182,26 @@ def _resolution(model: nn.Module, resolution) -> int:
 def _frozen_act(q: nn.Module, backend: str, preset: str) -> nn.Module:
     if isinstance(q, OriginalPresetQuantizer) or not backend_active(q):
         return nn.Identity()
-    if not isinstance(q, FixedQuantizer) and not bool(q.initialized):
+    if not bool(q.initialized):
         raise ValueError(f"quantizer {q} has no learned scale yet (run a forward pass / load the LSQ+ checkpoint)")
     scale, zp = q.qparams()
     return FrozenActQuant(scale, zp - q.qmin, backend, preset)
 
 
-def _int_weight(conv: nn.Module, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(integer weight, per-channel scale) exactly as `conv.weight_quant` quantizes the active weight `w`."""
-    wq: WeightQuantizer = conv.weight_quant
-    if not (wq.enabled and getattr(wq, "per_channel", False)):
-        raise ValueError(f"{type(conv).__name__}: weights are not per-channel LSQ+ (preset {wq.preset})")
-    if not bool(wq.initialized):
-        raise ValueError(f"{type(conv).__name__}: weight scale not learned yet (run a forward pass / load the checkpoint)")
-    s = wq.scale[: w.shape[0]].detach().abs().clamp_min(SCALE_FLOOR).double()
-    with torch.no_grad():
-        fq = wq(w).double()
-    q = torch.round(fq / s.view(-1, *([1] * (w.dim() - 1))))
-    if q.abs().max() > wq.qmax:
-        raise ValueError("weight integers outside [-127, 127]")
-    return q, s
+def _record_calls(model: nn.Module, resolution: int) -> dict[nn.Module, tuple]:
+    """The arguments (x, prequantized, fold_bn) of every DynamicConv2d / DynamicLinear / quantizer call in
+    one eval forward pass at `resolution` (the active path; eval mode folds BN in the backend presets).
+    A quantizer on the path without a learned scale is an error (it would initialise from this input)."""
+    seen: dict[nn.Module, tuple] = {}
 
+    def record(mod, args):
+        if isinstance(mod, ActQuantizer) and backend_active(mod) and not bool(mod.initialized):
+            raise ValueError(f"quantizer {mod} on the active path has no learned scale (never run in LSQ+ mode): "
+                             "load a trained LSQ+ checkpoint or run a forward pass first")
+        seen.setdefault(mod, (args[0], args[1] if len(args) > 1 else False, args[2] if len(args) > 2 else None))
 
-def _record_inputs(model: nn.Module, resolution: int) -> dict[nn.Module, torch.Tensor]:
-    """The input tensor of every DynamicConv2d / DynamicLinear / BN used by one forward pass at `resolution`."""
-    seen: dict[nn.Module, torch.Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.setdefault(mod, args[0].detach()))
-             for m in model.modules() if isinstance(m, (DynamicConv2d, DynamicLinear, nn.BatchNorm2d))]
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules()
+             if isinstance(m, (DynamicConv2d, DynamicLinear, ActQuantizer))]
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
@@ -219,25 +212,38 @@ def _record_inputs(model: nn.Module, resolution: int) -> dict[nn.Module, torch.T
     return seen
 
 
-def _fold(conv: DynamicConv2d, bn: nn.BatchNorm2d | None, cin: int, act_quant: nn.Module, backend: str):
-    w = conv.active_weight(cin).detach().contiguous()
-    q, s = _int_weight(conv, w)
-    cout = w.shape[0]
-    bias = conv.bias[:cout].detach().double() if conv.bias is not None else torch.zeros(cout, dtype=torch.float64)
+def _check_weights(m: nn.Module) -> None:
+    wq: WeightQuantizer = m.weight_quant
+    if not (wq.enabled and getattr(wq, "per_channel", False)):
+        raise ValueError(f"{type(m).__name__}: weights are not per-channel LSQ+ (preset {wq.preset})")
+    if not bool(wq.initialized):
+        raise ValueError(f"{type(m).__name__}: weight scale not learned yet (run a forward pass / load the checkpoint)")
+
+
+@torch.no_grad()
+def _frozen_conv(conv: DynamicConv2d, call: tuple, act_quant: nn.Module, backend: str) -> FrozenConv2d:
+    """The eval-mode computation of `conv` (`DynamicConv2d.forward` with BN folded, int32 bias) frozen."""
+    x, prequantized, bn = call[:3]
+    _check_weights(conv)
+    cin = x.shape[1]
+    w = conv.weight_quant(conv.active_weight(cin).contiguous())
+    s_w = weight_scale(conv, w.shape[0])
+    b = None if conv.bias is None else conv.bias[: w.shape[0]]
     if bn is not None:
-        if bn.running_mean is None:
-            raise ValueError("BN without running statistics cannot be folded")
-        a = bn.weight[:cout].detach().double() / torch.sqrt(bn.running_var[:cout].double() + bn.eps)
-        shift = bn.bias[:cout].detach().double() - bn.running_mean[:cout].double() * a
-        sign = torch.where(a < 0, -1.0, 1.0).double()
-        q = q * sign.view(-1, 1, 1, 1)  # symmetric [-127, 127]: the sign flip stays on the grid
-        q = torch.where((a == 0).view(-1, 1, 1, 1), torch.zeros_like(q), q)
-        s = torch.where(a == 0, s, s * a.abs())
-        bias = bias * a + shift
-    weight = (q * s.view(-1, 1, 1, 1)).float()
-    groups = cin if conv.depthwise else 1
-    return FrozenConv2d(weight, s.float(), bias.float(), act_quant, backend, conv.stride,
-                        conv.active_kernel_size // 2, groups)
+        w, s_w, b = fold_conv_bn(w, s_w, b, bn)
+    if b is not None:
+        b = int32_bias(b, input_scale(conv, prequantized) * s_w)
+    return FrozenConv2d(w, s_w, b, act_quant, backend, conv.stride, conv.active_kernel_size // 2,
+                        cin if conv.depthwise else 1)
+
+
+@torch.no_grad()
+def _frozen_linear(lin: DynamicLinear, call: tuple, act_quant: nn.Module, backend: str) -> FrozenLinear:
+    _check_weights(lin)
+    w = lin.weight_quant(lin.weight[: lin.active_out_features, : call[0].shape[1]].contiguous())
+    s_w = weight_scale(lin, w.shape[0])
+    b = None if lin.bias is None else int32_bias(lin.bias[: w.shape[0]], lin.act_quant.qparams()[0] * s_w)
+    return FrozenLinear(w, s_w, b, act_quant, backend)
 
 
 def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -246,14 +252,15 @@ def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def deploy_model(model: nn.Module, backend: str = "onnx", resolution: int | None = None) -> nn.Module:
-    """A frozen eval-mode copy of an LSQ+ network (preset ort / tflite) for `backend`:
+    """A frozen eval-mode copy of an LSQ+ network (preset ort / tflite) for `backend`.
 
-    BN folded into the preceding convs, every active quantizer replaced by a `FrozenActQuant`
-    (learned scale and integer zero point), every conv / linear by a `FrozenConv2d` / `FrozenLinear`
-    with per-channel fake-quant weights. ``torch`` and ``onnx`` use torch's fake-quant ops (u8 grid),
-    ``tflite`` the quantized_decomposed ops (s8 grid). The forward code of the blocks is unchanged,
-    so the copy computes what the fake-quant model computes (up to float rounding at the folding).
-    The active subnet of a supernet works too; `resolution` defaults to the model's own."""
+    It computes what the eval-mode fake-quant model computes, frozen: BN folded into the preceding
+    convs and biases on the int32 grid (`modules.ops.fold_conv_bn`, `int32_bias`: the same tensors),
+    every active quantizer replaced by a `FrozenActQuant` (learned scale, integer zero point), every
+    conv / linear by a `FrozenConv2d` / `FrozenLinear` with per-channel fake-quant weights. ``torch`` and
+    ``onnx`` use torch's fake-quant ops (u8 grid), ``tflite`` the quantized_decomposed ops (s8 grid).
+    The blocks' forward code is unchanged. The active subnet of a supernet works too; `resolution`
+    defaults to the model's own."""
     if backend not in DEPLOY_BACKENDS:
         raise ValueError(f"deploy backend {backend!r}; allowed: {', '.join(DEPLOY_BACKENDS)}")
     preset = model_preset(model)
@@ -261,47 +268,23 @@ def deploy_model(model: nn.Module, backend: str = "onnx", resolution: int | None
         _import_decomposed()
     res = _resolution(model, resolution)
     model = copy.deepcopy(model).eval()
-    for q in quantizers(model):
-        if isinstance(q, ActQuantizer) and backend_active(q) and not isinstance(q, (FixedQuantizer, OriginalPresetQuantizer)) \
-                and not bool(q.initialized):
-            raise ValueError("the model has quantizers without learned scales (never run in LSQ+ mode): "
-                             "load a trained LSQ+ checkpoint or run a forward pass first")
-    inputs = _record_inputs(model, res)
-    frozen = {id(q): _frozen_act(q, backend, preset) for q in quantizers(model) if isinstance(q, ActQuantizer)}
-    names = {m: n for n, m in model.named_modules()}
-    done: set[int] = set()
-
-    # conv -> BN pairs: DynamicConvBNAct (a K3 stack folds its BN into its last active conv)
-    for cba in [m for m in model.modules() if isinstance(m, DynamicConvBNAct)]:
-        convs = ([c for c in cba.conv.convs[: (cba.conv.active_kernel_size - 1) // 2]]
-                 if isinstance(cba.conv, DynamicK3DWStack) else [cba.conv])
-        if convs[-1] not in inputs:
-            continue  # not on the active path
-        for i, conv in enumerate(convs):
-            bn = cba.bn if i == len(convs) - 1 else None
-            new = _fold(conv, bn, inputs[conv].shape[1], frozen[id(conv.act_quant)], backend)
-            _set_child(model, names[conv], new)
-            done.add(id(conv))
-        if not isinstance(cba.bn, DynamicBatchNorm2d) and not isinstance(cba.bn, nn.BatchNorm2d):
-            raise ValueError(f"{names[cba]}: unexpected normalisation {type(cba.bn).__name__}")
-        cba.bn = nn.Identity()
+    calls = _record_calls(model, res)
+    # every quantizer on the active path (a conv's input quantizer is on it when the conv is, even if a block
+    # quantized that input for it)
+    used = [q for q in quantizers(model) if isinstance(q, ActQuantizer) and q in calls]
+    used += [m.act_quant for m in calls if isinstance(m, (DynamicConv2d, DynamicLinear)) and m.act_quant not in calls]
+    frozen = {id(q): _frozen_act(q, backend, preset) for q in used}
+    folded = {id(call[2]) for call in calls.values() if call[2] is not None}
     for name, m in list(model.named_modules()):
-        if id(m) in done:
-            continue
-        if isinstance(m, DynamicConv2d) and m in inputs:  # SE convs (own bias, no BN)
-            _set_child(model, name, _fold(m, None, inputs[m].shape[1], frozen[id(m.act_quant)], backend))
-        elif isinstance(m, DynamicLinear) and m in inputs:
-            cin = inputs[m].shape[1]
-            w = m.weight[: m.active_out_features, :cin].detach().contiguous()
-            q, s = _int_weight(m, w)
-            bias = None if m.bias is None else m.bias[: m.active_out_features]
-            _set_child(model, name, FrozenLinear((q * s.view(-1, 1)).float(), s.float(), bias,
-                                                 frozen[id(m.act_quant)], backend))
+        if isinstance(m, DynamicConv2d) and m in calls:
+            _set_child(model, name, _frozen_conv(m, calls[m], frozen[id(m.act_quant)], backend))
+        elif isinstance(m, DynamicLinear) and m in calls:
+            _set_child(model, name, _frozen_linear(m, calls[m], frozen[id(m.act_quant)], backend))
     for name, m in list(model.named_modules()):
         if isinstance(m, ActQuantizer) and id(m) in frozen:
             _set_child(model, name, frozen[id(m)])
-        elif isinstance(m, nn.BatchNorm2d) and m in inputs:
-            raise ValueError(f"{name}: a BatchNorm not after a conv cannot be folded")
+        elif isinstance(m, nn.BatchNorm2d) and id(m) in folded:
+            _set_child(model, name, nn.Identity())
     model.deploy_backend, model.deploy_preset, model.resolution = backend, preset, res
     return model.eval()
 
@@ -399,7 +382,9 @@ def _litert_convert(module: nn.Module, x: torch.Tensor, path, static_int8: bool)
                 # the quantizer only switches the converter to static Q/DQ fusion; the graph is already quantized
                 qcfg = quant_config.QuantConfig(pt2e_quantizer=pt2e_quantizer.PT2EQuantizer().set_global(
                     pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True)))
-                gm = torch.export.export(module, (x,)).module()
+                gm = torch.export.export(module.eval(), (x,)).module()
+                for sub in gm.modules():  # the flag litert-torch checks ("converted in training mode")
+                    sub.training = False
                 edge = litert_torch.convert(gm, (x,), quant_config=qcfg)
             else:
                 edge = litert_torch.convert(module, (x,))
