@@ -50,7 +50,7 @@ class DynamicBlock(nn.Module):
         self.shortcut_quant = TensorQuantizer()
         return shortcut
 
-    def _shortcut(self, x, prequantized: bool = False):
+    def _shortcut(self, x, prequantized=False):
         if x.shape[1] == self.active_width and self.stride == 1:
             return x
         self.shortcut.set_active(self.active_width)
@@ -58,10 +58,11 @@ class DynamicBlock(nn.Module):
 
     @staticmethod
     def _quantize_input(x, first: DynamicConvBNAct):
-        """Backend presets: (x quantized by `first`'s input quantizer, True); else (x, False)."""
+        """Backend presets: (x quantized by `first`'s input quantizer, that quantizer); else (x, False).
+        The quantizer is passed on as `prequantized` to the convs that read x."""
         q = first.input_quantizer()
         if backend_active(q):
-            return q(x), True
+            return q(x), q
         return x, False
 
     def input_quantizers(self) -> list:
@@ -150,7 +151,7 @@ class InvertedResidual(DynamicBlock):
             self.expand_conv.set_active(h)
             out = self.expand_conv(out, pre)
         self.dw.set_active(kernel_size=self.active_kernel)
-        out = self.dw(out, pre and h == cin)
+        out = self.dw(out, pre if h == cin else False)
         if self.se is not None:
             self.se.active_mid = se_mid(h)
             out = self.se(out)

@@ -18,6 +18,12 @@ hardswish/swish, the SE input and gate, a GAP input, residual branches (`modules
 becomes x * q(sigmoid(x)) with the sigmoid on the fixed 1/256 grid (TFLite's int8 LOGISTIC, ORT's
 QLinearSigmoid), the SE gate sits on the fixed 1/255 grid. In fp32 mode and in the ``original``
 preset all of them are the identity and own no parameters.
+
+In eval mode the backend presets compute what the int8 kernels compute: conv -> BN is one conv with
+the BN folded into its per-channel weight scales (`fold_conv_bn`) and every conv / linear bias is
+rounded to the int32 grid of step s_input * s_weight (`int32_bias`), as ONNX Runtime and TFLite
+store it; the exported int8 models then agree with the eval-mode fake-quant to the last bit (ORT).
+Training keeps conv -> BN with batch statistics and float biases.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modules.lsq import ActQuantizer, QBase, quantize_activation
+from modules.lsq import SCALE_FLOOR, ActQuantizer, QBase, quantize_activation
 from modules.superspace import make_divisible
 
 BACKEND_PRESETS = ("ort", "tflite")
@@ -113,6 +119,45 @@ class OriginalPresetQuantizer(ActQuantizer):
         return super().forward(x)
 
 
+def weight_scale(conv: nn.Module, cout: int) -> torch.Tensor:
+    """The per-channel weight scales of `conv`'s first `cout` channels as its WeightQuantizer uses them."""
+    s = conv.weight_quant.scale
+    s = s[:cout] if s.numel() > 1 else s.expand(cout)
+    return s.abs().clamp_min(SCALE_FLOOR)
+
+
+def input_scale(conv: nn.Module, prequantized) -> float:
+    """Scale of the quantizer that quantizes `conv`'s input: the block's (`prequantized`) or its own."""
+    q = prequantized if isinstance(prequantized, ActQuantizer) else conv.act_quant
+    return q.qparams()[0]
+
+
+def int32_bias(bias: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """`bias` rounded to the int32 grid k * step (step = s_input * s_weight per channel), as int8 backends
+    store biases."""
+    return torch.round(bias / step) * step
+
+
+def fold_conv_bn(w_q: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d):
+    """Fold eval-mode BN into a conv with per-channel fake-quant weights `w_q` = q * s_w.
+
+    Returns (weight, weight scale, bias): weight = q' * s', s' = s_w * |a|, q' = q * sign(a) with
+    a = gamma / sqrt(var + eps) (a channel with a = 0 gets q' = 0, s' = s_w), bias = beta - mean * a
+    (+ a * conv bias). Exact: per-channel scales absorb |a|, the symmetric integer range absorbs the sign.
+    `modules.deploy` freezes exactly these tensors."""
+    c = w_q.shape[0]
+    a = bn.weight[:c] / torch.sqrt(bn.running_var[:c] + bn.eps)
+    shift = bn.bias[:c] - bn.running_mean[:c] * a
+    if bias is not None:
+        shift = shift + a * bias[:c]
+    view = (-1,) + (1,) * (w_q.dim() - 1)
+    q = torch.round(w_q / s_w.view(view))
+    zero = a == 0
+    q = torch.where(zero.view(view), torch.zeros_like(q), q * torch.where(a < 0, -1.0, 1.0).view(view))
+    s_fold = torch.where(zero, s_w, s_w * a.abs())
+    return q * s_fold.view(view), s_fold, shift
+
+
 def mark_input(q: nn.Module, producer_act: str) -> None:
     """Tell quantizer `q` what produces its input: a ReLU output is `unsigned`, a ReLU6 output also
     capped at 6 (used by the backend presets only; see `ActQuantizer`)."""
@@ -168,11 +213,18 @@ class DynamicConv2d(QBase):
         cin = 1 if self.depthwise else in_channels
         return self.weight[:cout, :cin, start:start + k, start:start + k]
 
-    def forward(self, x, prequantized: bool = False):
-        """`prequantized`: the owning block already quantized x (backend presets): act_quant is skipped."""
+    def forward(self, x, prequantized=False, fold_bn: nn.BatchNorm2d | None = None):
+        """`prequantized`: the quantizer with which the owning block already quantized x (backend presets;
+        act_quant is skipped), else False. `fold_bn` (eval mode, backend presets): the BN after this conv,
+        folded in as the int8 backends compute it (`fold_conv_bn`, `int32_bias`)."""
         cin = x.shape[1]
         w = self.weight_quant(self.active_weight(cin).contiguous())
         b = None if self.bias is None else self.bias[: w.shape[0]]
+        if fold_bn is not None:
+            w, s_fold, b = fold_conv_bn(w, weight_scale(self, w.shape[0]), b, fold_bn)
+            b = int32_bias(b, input_scale(self, prequantized) * s_fold)
+        elif b is not None and not self.training and backend_active(self.weight_quant):
+            b = int32_bias(b, input_scale(self, prequantized) * weight_scale(self, w.shape[0]))
         return F.conv2d(x if prequantized else self.act_quant(x), w, b, self.stride, self.active_kernel_size // 2,
                         1, cin if self.depthwise else 1)
 
@@ -211,6 +263,8 @@ class DynamicLinear(QBase):
     def forward(self, x):
         w = self.weight_quant(self.weight[: self.active_out_features, : x.shape[1]].contiguous())
         b = None if self.bias is None else self.bias[: self.active_out_features]
+        if b is not None and not self.training and backend_active(self.weight_quant):
+            b = int32_bias(b, self.act_quant.qparams()[0] * weight_scale(self, w.shape[0]))
         return F.linear(self.act_quant(x), w, b)
 
 
@@ -259,9 +313,12 @@ class DynamicK3DWStack(nn.Module):
                                                  depthwise=True) for i in range(n))
         self.active_kernel_size = max_kernel
 
-    def forward(self, x, prequantized: bool = False):
-        for i, conv in enumerate(self.convs[: (self.active_kernel_size - 1) // 2]):
-            x = conv(x, prequantized and i == 0)
+    def forward(self, x, prequantized=False, fold_bn: nn.BatchNorm2d | None = None):
+        """`fold_bn`: eval-mode backend presets fold this BN into the last active conv."""
+        convs = self.convs[: (self.active_kernel_size - 1) // 2]
+        for i, conv in enumerate(convs):
+            pre = prequantized if i == 0 else False
+            x = conv(x, pre, fold_bn if i == len(convs) - 1 else None)
         return x
 
 
@@ -291,8 +348,17 @@ class DynamicConvBNAct(nn.Module):
         """The quantizer of this op's input (its first conv's act_quant)."""
         return self.conv.convs[0].act_quant if isinstance(self.conv, DynamicK3DWStack) else self.conv.act_quant
 
-    def forward(self, x, prequantized: bool = False):
-        x = self.bn(self.conv(x, prequantized))
+    def folds_bn(self) -> bool:
+        """Eval mode of a backend preset with BN running statistics: conv and BN run as one folded conv."""
+        conv = self.conv.convs[0] if isinstance(self.conv, DynamicK3DWStack) else self.conv
+        return (not self.training and isinstance(self.bn, nn.BatchNorm2d) and self.bn.track_running_stats
+                and backend_active(conv.weight_quant))
+
+    def forward(self, x, prequantized=False):
+        if self.folds_bn():
+            x = self.conv(x, prequantized, self.bn)
+        else:
+            x = self.bn(self.conv(x, prequantized))
         if self.pre_act_quant is not None:
             x = self.pre_act_quant(x)
         return self.act(x)
