@@ -21,12 +21,16 @@ profiled int8 vs fp32 time per block).
     python -m bench.deploy_fidelity                                    # trains the demo subnet once (~5 min)
     python -m bench.deploy_fidelity --checkpoint checkpoints/subnets/tiny-...pth --data_dir <ImageFolder>
 
-Writes ``<output_dir>/deploy_fidelity.{csv,md}`` and ``deploy_inspect.csv``; the exported files go to
-``<output_dir>/deploy_models/``.
+Then the INT8 vs FP32 latency of a published subnet at its real size (``--latency_model``, default
+SEQnet@vnni-A0 at 160 px; random weights, scales from random inputs: latency only) exported the same way.
+
+Writes ``<output_dir>/deploy_fidelity.{csv,md}``, ``deploy_latency.csv`` and the inspector reports
+``deploy_inspect*.csv``; the exported files go to ``<output_dir>/deploy_models/``.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import math
 import os
@@ -47,6 +51,7 @@ DEMO_SUPERNET = "tiny-012345-000000"  # one stage per block family: MBv1 (relu),
 # ResNet (relu), ResNetSE, FusedMBConv (swish); FirstConv relu, FinalExpand / FeatureMix hswish
 DEMO_RESOLUTION = 32
 FIELDS = ["variant", "runtime", "top1", "delta_top1", "rel_err", "argmax_agree", "latency_ms", "speedup", "file"]
+LATENCY_FIELDS = ["model", "variant", "runtime", "latency_ms", "speedup", "file"]
 
 
 def get_args_parser():
@@ -65,10 +70,14 @@ def get_args_parser():
     p.add_argument("--no_tflite", action="store_true", help="skip LiteRT")
     p.add_argument("--no_ptq", action="store_true", help="skip the quantize_static rows")
     p.add_argument("--no_inspect", action="store_true", help="skip the per-block inspector report")
+    p.add_argument("--latency_model", default="SEQnet@vnni-A0", help="a published subnet, random weights and "
+                   "LSQ+ scales from random inputs, for INT8 vs FP32 latency at a realistic size ('' to skip; "
+                   "default: %(default)s)")
     g = p.add_argument_group("demo subnet (when no --checkpoint)")
     g.add_argument("--supernet", default=DEMO_SUPERNET, help="(default: %(default)s, every block family)")
     g.add_argument("--demo_resolution", type=int, default=DEMO_RESOLUTION, help="(default: %(default)s)")
-    g.add_argument("--preset", choices=["ort", "tflite"], default="ort", help="LSQ+ preset (default: %(default)s)")
+    g.add_argument("--preset", choices=["ort", "tflite", "ort_avx2"], default="ort",
+                   help="LSQ+ preset (default: %(default)s)")
     g.add_argument("--fp32_steps", type=int, default=500, help="(default: %(default)s)")
     g.add_argument("--lsq_steps", type=int, default=300, help="(default: %(default)s)")
     g.add_argument("--batch_size", type=int, default=64, help="(default: %(default)s)")
@@ -154,37 +163,59 @@ def demo_subnet(args, data_dir: Path):
 
 
 # ----------------------------------------------------------------------------------------------- measuring
-def _ort_latency(path, threads, warmup, runs) -> float:
+def _ort_runner(path, threads: int, precise=None):
     from modules.deploy import ort_session
 
-    sess = ort_session(path, threads)
+    sess = ort_session(path, threads, precise)
     i = sess.get_inputs()[0]
-    x = np.random.default_rng(0).standard_normal([d if isinstance(d, int) else 1 for d in i.shape]).astype(np.float32)
-    for _ in range(warmup):
-        sess.run(None, {i.name: x})
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, {i.name: x})
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
+    feed = {i.name: np.random.default_rng(0).standard_normal([d if isinstance(d, int) else 1 for d in i.shape])
+            .astype(np.float32)}
+    return lambda: sess.run(None, feed)
 
 
-def _tflite_latency(path, threads, warmup, runs) -> float:
-    from modules.benchmark import benchmark_tflite
+def _tflite_runner(path, threads: int):
+    from modules.benchmark import tflite_interpreter
 
-    return benchmark_tflite(path, threads=threads, warmup=warmup, runs=runs)["median"]
+    it = tflite_interpreter(path, threads)
+    rng = np.random.default_rng(0)
+    for d in it.get_input_details():
+        it.set_tensor(d["index"], rng.standard_normal(tuple(d["shape"])).astype(d["dtype"])
+                      if np.issubdtype(d["dtype"], np.floating) else np.zeros(tuple(d["shape"]), d["dtype"]))
+    return it.invoke
 
 
-def _row(variant, runtime, logits, labels, ref, top1_ref, latency=None, fp32_latency=None, file=""):
+def measure(runners: dict, warmup: int, runs: int, block: int = 10) -> dict:
+    """Median latency (ms) of each runner, measured interleaved in blocks of `block` runs so that every
+    model sees the same load of a shared machine."""
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in runners}
+    while min(len(v) for v in times.values()) < runs:
+        for k, fn in runners.items():
+            for _ in range(block):
+                t = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t)
+    return {k: float(np.median(v) * 1e3) for k, v in times.items()}
+
+
+def _fill_latency(rows: list[dict], lat: dict) -> None:
+    for r in rows:
+        key, base = r.pop("_key", None), r.pop("_base", None)
+        if key in lat:
+            r["latency_ms"] = f"{lat[key]:.3f}"
+            if base in lat:
+                r["speedup"] = f"{lat[base] / lat[key]:.2f}"
+
+
+def _row(variant, runtime, logits, labels, ref, top1_ref, key=None, base=None, file=""):
     top1 = float((logits.argmax(1) == labels).mean() * 100)
     return {"variant": variant, "runtime": runtime, "top1": f"{top1:.2f}",
             "delta_top1": f"{top1 - top1_ref:+.2f}" if top1_ref is not None else "",
             "rel_err": "" if ref is None else f"{np.linalg.norm(logits - ref) / np.linalg.norm(ref):.4f}",
             "argmax_agree": "" if ref is None else f"{(logits.argmax(1) == ref.argmax(1)).mean() * 100:.2f}",
-            "latency_ms": "" if latency is None else f"{latency:.3f}",
-            "speedup": f"{fp32_latency / latency:.2f}" if latency and fp32_latency else "",
-            "file": file}
+            "latency_ms": "", "speedup": "", "file": file, "_key": key, "_base": base}
 
 
 def _write_csv(path: Path, rows, fields):
@@ -195,6 +226,61 @@ def _write_csv(path: Path, rows, fields):
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, path)
+
+
+def latency_section(args, mdir: Path) -> tuple[list[dict], str, str]:
+    """INT8 vs FP32 latency of a published subnet (random weights; LSQ+ scales from random inputs: the
+    accuracy is meaningless, the graph is the deployed one). Returns (rows, int8 ONNX, fp32 ONNX)."""
+    from modules import deploy
+    from modules.engine import init_lsq_scales
+    from modules.export import RandomCalibrationWarning, build_model_from_encoding, named_model_entry, quantize_onnx_int8
+    from modules.lsq import set_quant_mode
+
+    e = named_model_entry(args.latency_model)
+    torch.manual_seed(args.seed)
+    fp32 = build_model_from_encoding(e.supernet, e.subnet)
+    r = int(fp32.resolution)
+    images = torch.randn(4, 3, r, r)
+    models = {}
+    for preset in ("ort", "ort_avx2"):
+        m = copy.deepcopy(fp32)
+        set_quant_mode(m, "lsq", preset)
+        init_lsq_scales(m, images)
+        models[preset] = m.eval()
+    model = models["ort"]
+    stem = f"{e.stem}-lsq"
+    f_int8 = deploy.export_onnx_int8(model, mdir / f"{stem}_int8.onnx", r, opset=args.opset)
+    f_w7 = deploy.export_onnx_int8(models["ort_avx2"], mdir / f"{stem}_avx2_int8.onnx", r, opset=args.opset)
+    f_fp32 = deploy.export_onnx_fp32(model, mdir / f"{stem}.onnx", r, opset=args.opset)
+    precise = deploy.ort_precise_default()
+    rows = [("fp32 (BN folded)", "onnxruntime", "ort32", "ort32", f_fp32),
+            ("learned scales, preset ort" + (", x64quantprecision" if precise else ""), "onnxruntime", "ort8", "ort32",
+             f_int8),
+            ("learned scales, preset ort_avx2 (7-bit weights)", "onnxruntime", "ort7", "ort32", f_w7)]
+    runners = {"ort32": _ort_runner(f_fp32, args.threads), "ort8": _ort_runner(f_int8, args.threads),
+               "ort7": _ort_runner(f_w7, args.threads)}
+    if precise:
+        rows.append(("learned scales, preset ort, default kernels (no VNNI: saturate)", "onnxruntime", "ort8fast",
+                     "ort32", f_int8))
+        runners["ort8fast"] = _ort_runner(f_int8, args.threads, precise=False)
+    if not args.no_ptq:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RandomCalibrationWarning)
+            f_orig = quantize_onnx_int8(f_fp32, mdir / f"{stem}_original_int8.onnx", calib=None, fmt="qoperator",
+                                        num_random_calib=30, seed=args.seed)
+        rows.append(("original: quantize_static QOperator" + (" (7-bit weights)" if precise else ""), "onnxruntime",
+                     "orig", "ort32", f_orig))
+        runners["orig"] = _ort_runner(f_orig, args.threads)
+    if not args.no_tflite:
+        t_int8 = deploy.export_tflite_int8(model, mdir / f"{stem}_int8.tflite", r)
+        t_fp32 = deploy.export_tflite_fp32(model, mdir / f"{stem}.tflite", r)
+        rows += [("fp32", "litert", "tfl32", "tfl32", t_fp32), ("learned scales, preset ort", "litert", "tfl8", "tfl32",
+                                                                 t_int8)]
+        runners.update(tfl32=_tflite_runner(t_fp32, args.threads), tfl8=_tflite_runner(t_int8, args.threads))
+    lat = measure(runners, args.warmup, args.runs)
+    out = [{"model": f"{args.latency_model} r{r}", "variant": v, "runtime": rt, "latency_ms": f"{lat[k]:.3f}",
+            "speedup": f"{lat[b] / lat[k]:.2f}", "file": f} for v, rt, k, b, f in rows]
+    return out, f_int8, f_fp32
 
 
 def main(args):
@@ -230,39 +316,41 @@ def main(args):
     stem = ckpt_path.stem
     f_int8 = deploy.export_onnx_int8(model, mdir / f"{stem}_int8.onnx", res, opset=args.opset)
     f_fp32 = deploy.export_onnx_fp32(model, mdir / f"{stem}.onnx", res, opset=args.opset)
-    lat_fp32 = _ort_latency(f_fp32, args.threads, args.warmup, args.runs)
-    lat_int8 = _ort_latency(f_int8, args.threads, args.warmup, args.runs)
+    runners = {"ort32": _ort_runner(f_fp32, args.threads), "ort8": _ort_runner(f_int8, args.threads)}
     precise = deploy.ort_precise_default()
     rows.append(_row("learned scales (ours)" + (", x64quantprecision" if precise else ""), "onnxruntime",
-                     deploy.run_onnx_batch(f_int8, x), labels, ref, top1_ref, lat_int8, lat_fp32, f_int8))
+                     deploy.run_onnx_batch(f_int8, x), labels, ref, top1_ref, "ort8", "ort32", f_int8))
     if precise:  # what the default (saturating u8 x s8) kernels of this CPU give
         rows.append(_row("learned scales, default kernels (no VNNI: saturate)", "onnxruntime",
-                         deploy.run_onnx_batch(f_int8, x, precise=False), labels, ref, top1_ref, file=f_int8))
+                         deploy.run_onnx_batch(f_int8, x, precise=False), labels, ref, top1_ref, "ort8fast", "ort32",
+                         f_int8))
+        runners["ort8fast"] = _ort_runner(f_int8, args.threads, precise=False)
     rows.append(_row("fp32 (BN folded)", "onnxruntime", deploy.run_onnx_batch(f_fp32, x), labels, ref, top1_ref,
-                     lat_fp32, lat_fp32, f_fp32))
+                     "ort32", "ort32", f_fp32))
     if not args.no_ptq:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RandomCalibrationWarning)
             f_orig = quantize_onnx_int8(f_fp32, mdir / f"{stem}_original_int8.onnx", calib=None, fmt="qoperator",
                                         num_random_calib=30, seed=args.seed)
         rows.append(_row("original: fp32 + quantize_static, 30 random inputs", "onnxruntime",
-                         deploy.run_onnx_batch(f_orig, x), labels, ref, top1_ref,
-                         _ort_latency(f_orig, args.threads, args.warmup, args.runs), lat_fp32, f_orig))
+                         deploy.run_onnx_batch(f_orig, x), labels, ref, top1_ref, "orig", "ort32", f_orig))
         train = build_dataset(data_dir, "train", train=False, image_size=res)
         g = torch.Generator().manual_seed(args.seed)
         calib = torch.stack([train[int(i)][0] for i in torch.randperm(len(train), generator=g)[:128]])
         f_ptq = quantize_onnx_int8(f_fp32, mdir / f"{stem}_ptq_int8.onnx", calib=calib, fmt="qdq")
         rows.append(_row("PTQ: fp32 + quantize_static, 128 train images", "onnxruntime",
-                         deploy.run_onnx_batch(f_ptq, x), labels, ref, top1_ref,
-                         _ort_latency(f_ptq, args.threads, args.warmup, args.runs), lat_fp32, f_ptq))
+                         deploy.run_onnx_batch(f_ptq, x), labels, ref, top1_ref, "ptq", "ort32", f_ptq))
+        runners.update(orig=_ort_runner(f_orig, args.threads), ptq=_ort_runner(f_ptq, args.threads))
     if not args.no_tflite:
         t_int8 = deploy.export_tflite_int8(model, mdir / f"{stem}_int8.tflite", res)
         t_fp32 = deploy.export_tflite_fp32(model, mdir / f"{stem}.tflite", res)
-        tl_fp32 = _tflite_latency(t_fp32, args.threads, args.warmup, args.runs)
         rows.append(_row("learned scales (ours)", "litert", deploy.run_tflite_batch(t_int8, x), labels, ref, top1_ref,
-                         _tflite_latency(t_int8, args.threads, args.warmup, args.runs), tl_fp32, t_int8))
-        rows.append(_row("fp32", "litert", deploy.run_tflite_batch(t_fp32, x), labels, ref, top1_ref, tl_fp32,
-                         tl_fp32, t_fp32))
+                         "tfl8", "tfl32", t_int8))
+        rows.append(_row("fp32", "litert", deploy.run_tflite_batch(t_fp32, x), labels, ref, top1_ref, "tfl32",
+                         "tfl32", t_fp32))
+        runners.update(tfl32=_tflite_runner(t_fp32, args.threads), tfl8=_tflite_runner(t_int8, args.threads))
+    _fill_latency(rows, measure(runners, args.warmup, args.runs))
+    del runners
 
     table = deploy.format_rows(rows, FIELDS[:-1], markdown=True)
     print()
@@ -279,13 +367,25 @@ def main(args):
             print(f"{runtime}: |delta top-1| = {abs(float(r['delta_top1'])):.2f} points (goal <= {goal}): "
                   f"{'PASS' if ok else 'FAIL'}")
     print(f"wrote {out / 'deploy_fidelity.csv'} and {out / 'deploy_fidelity.md'}")
+    inspect = [(f_int8, f_fp32, out / "deploy_inspect.csv")]
+    if args.latency_model:
+        lrows, l_int8, l_fp32 = latency_section(args, mdir)
+        ltable = deploy.format_rows(lrows, LATENCY_FIELDS[:-1], markdown=True)
+        print(f"\nINT8 vs FP32 latency at a realistic size ({args.threads} thread(s), median of {args.runs} "
+              f"interleaved runs, random weights):\n\n{ltable}")
+        _write_csv(out / "deploy_latency.csv", lrows, LATENCY_FIELDS)
+        with open(out / "deploy_fidelity.md", "a") as f:
+            f.write(f"\nINT8 vs FP32 latency, {args.latency_model} (random weights)\n\n{ltable}\n")
+        print(f"wrote {out / 'deploy_latency.csv'}")
+        inspect.append((l_int8, l_fp32, out / "deploy_inspect_latency_model.csv"))
     if not args.no_inspect:
-        print()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            irows = deploy.inspect_deployed(f_int8, f_fp32, runs=max(20, args.runs // 2), threads=args.threads)
-        _write_csv(out / "deploy_inspect.csv", irows, list(irows[0]))
-        print(f"wrote {out / 'deploy_inspect.csv'}")
+        for i8, f32, csv_path in inspect:
+            print()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                irows = deploy.inspect_deployed(i8, f32, runs=max(20, args.runs // 2), threads=args.threads)
+            _write_csv(csv_path, irows, list(irows[0]))
+            print(f"wrote {csv_path}")
     return verdict
 
 

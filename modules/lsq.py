@@ -13,7 +13,9 @@ Presets (what the fake-quant simulates):
   * ``ort`` / ``tflite``: per-channel symmetric weights in [-127, 127] (so BN folding and the sign of
     gamma are exact), 8-bit asymmetric activations whose zero point is an integer (the offset is
     snapped to the integer grid with a straight-through estimator), as ONNX Runtime (uint8
-    activations) and TFLite (int8 activations, same grid shifted by 128) compute. These presets also
+    activations) and TFLite (int8 activations, same grid shifted by 128) compute.
+  * ``ort_avx2``: ``ort`` with 7-bit weights in [-63, 63] (ORT's reduce_range): exact *and* fast on x86
+    CPUs without VNNI, where full-range weights need ORT's slower u8 x u8 kernels. These presets also
     quantize the tensors between int8 kernels that are no conv input (residual branches, hardswish /
     swish inputs, SE, GAP inputs: `modules.ops.TensorQuantizer`, `modules.blocks`), and
     `modules.deploy` exports the learned scales to int8 ONNX / TFLite.
@@ -29,7 +31,10 @@ import torch
 import torch.nn as nn
 
 QUANT_MODES = ("fp32", "lsq")
-PRESETS = ("original", "ort", "tflite")
+PRESETS = ("original", "ort", "tflite", "ort_avx2")
+# weight integer range per preset: ort_avx2 keeps weights in 7 bits, as ONNX Runtime's reduce_range, so that
+# the fast u8 x s8 kernels of x86 CPUs without VNNI (int16 pair sums) cannot saturate
+WEIGHT_RANGES = {"original": (-128, 127), "ort": (-127, 127), "tflite": (-127, 127), "ort_avx2": (-63, 63)}
 SCALE_FLOOR = 1e-8
 
 
@@ -160,7 +165,7 @@ class WeightQuantizer(_Quantizer):
     def configure(self, preset: str) -> None:
         self.preset = preset
         self.per_channel = preset != "original"
-        self.qmin, self.qmax = (-128, 127) if preset == "original" else (-127, 127)
+        self.qmin, self.qmax = WEIGHT_RANGES[preset]
         shape = self.channels if self.per_channel else 1
         if not hasattr(self, "scale") or self.scale.numel() != shape:
             if hasattr(self, "scale"):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from modules.lsq import SCALE_FLOOR, ActQuantizer, QBase, quantize_activation
 from modules.superspace import make_divisible
 
-BACKEND_PRESETS = ("ort", "tflite")
+BACKEND_PRESETS = ("ort", "tflite", "ort_avx2")
 
 
 def backend_active(q: nn.Module) -> bool:

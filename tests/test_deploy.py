@@ -181,3 +181,24 @@ def test_tflite_int8_runs_int8_and_matches_fake_quant(trained, tmp_path):
     # [1, C, 1, 1] vector) runs as float ADD / MUL between DEQUANTIZE / QUANTIZE
     int8_adds = sum(o["op_name"] == "ADD" and tensors[o["inputs"][0]]["dtype"] == np.int8 for o in ops)
     assert int8_adds >= 13, int8_adds
+
+
+def test_ort_avx2_preset_exports_7bit_weights(trained, tmp_path):
+    """ort_avx2: 7-bit weights (ORT's reduce_range), so the default u8 x s8 kernels of CPUs without VNNI are
+    exact; the same export path."""
+    import copy
+
+    sub, x, _ = trained
+    m = copy.deepcopy(sub)
+    set_quant_mode(m, "lsq", "ort_avx2")  # the learned scales stay, the weight range halves
+    m.eval()
+    with torch.no_grad():
+        ref = m(x).numpy()
+    d = deploy.deploy_model(m, "onnx")
+    convs = [c for c in d.modules() if isinstance(c, (deploy.FrozenConv2d, deploy.FrozenLinear))]
+    assert convs and all(float((c.weight / c.w_scale.view(-1, *[1] * (c.weight.dim() - 1))).abs().max()) <= 63 + 1e-3
+                         for c in convs)
+    path = deploy.export_onnx_int8(m, tmp_path / "w7_int8.onnx")
+    for precise in (True, False):  # 7-bit weights: the fast kernels are exact too
+        err, agree = _agree(deploy.run_onnx_batch(path, x, precise=precise), ref)
+        assert err < 0.01 and agree >= 0.99, (precise, err, agree)
