@@ -7,11 +7,12 @@ Here the trained fake-quant network itself is frozen and exported; no calibratio
 Backend presets (`modules.lsq`, `modules.ops`, `modules.blocks`), as MQBench's backend parameters:
 
 =========  ======================================  =====================================
-preset     activations                              weights
+preset     activations (per tensor)                 weights (symmetric, per channel)
 =========  ======================================  =====================================
 original   u8 with a continuous offset (spec §4)   per tensor [-128, 127]: not deployable
-ort        u8 per tensor, integer zero point       s8 symmetric per channel [-127, 127]
-tflite     s8 per tensor, integer zero point       s8 symmetric per channel [-127, 127]
+ort        u8, integer zero point                   s8 [-127, 127]
+tflite     s8, integer zero point                   s8 [-127, 127]
+ort_avx2   u8, integer zero point                   [-63, 63] (ORT's reduce_range)
 =========  ======================================  =====================================
 
 ``ort`` and ``tflite`` compute the same function (tflite names the 256-level grid -128..127 and its
@@ -20,7 +21,13 @@ with ONNX Runtime 1.32 (QDQ fusion) and litert-torch 0.10 (quantized_decomposed 
 
 * every conv / linear input (as in training since the original), with BN folded into the conv:
   per-channel weight scales make folding exact, s_c' = s_c |gamma_c / sigma_c|, the integer weight
-  flips its sign with gamma (exact because the weight range [-127, 127] is symmetric);
+  flips its sign with gamma (exact because the weight range is symmetric);
+* conv / linear biases: int32 with step s_input * s_weight (both runtimes). Rounding the folded bias
+  moves an output by up to ~1 % of its LSB, enough to flip a few roundings that then multiply through
+  the network (measured: 2 % logit error vs fake-quant, 0.3 % with the fix). So the backend presets'
+  **eval mode** computes conv -> BN as the folded conv with the int32 bias (`modules.ops.fold_conv_bn`,
+  `int32_bias`); training keeps conv -> BN with batch statistics. ORT then reproduces the eval-mode
+  torch model bit for bit up to float ties (rel. error 1e-7 on the demo's deploy graph);
 * the block input once, shared by the branch and the shortcut, the residual branch before the add,
   a projection shortcut after its conv: ORT QLinearAdd / TFLite ADD (int8);
 * ReLU / ReLU6 outputs on an unsigned grid (zero point at the bottom, ReLU6 range <= 6): ORT removes
@@ -32,19 +39,22 @@ with ONNX Runtime 1.32 (QDQ fusion) and litert-torch 0.10 (quantized_decomposed 
   blocks stay slower in int8 there, which is what the search has to see;
 * the SE input (GAP and multiply read the same quantized tensor), the expand conv's output, the
   hardsigmoid gate on the 1/255 grid (the gate itself stays float on a [1, C, 1, 1] vector);
-* global average pooling input (QLinearGlobalAveragePool / MEAN); the logits stay float.
+* global average pooling input (QLinearGlobalAveragePool / MEAN); the logits stay float (QGemm with
+  float output: `_quantize_gemm_bias` gives the Gemm the int32 bias ORT needs for that).
 
-Deployment (no calibration): `deploy_model` copies the network, folds every BN into its conv and
-replaces each quantizer by a frozen one holding the learned scale and zero point — for ONNX
-``torch.fake_quantize_per_tensor_affine`` (u8) / ``fake_quantize_per_channel_affine`` (weights),
-exported with the TorchScript exporter (opset 13..17) into one Q/DQ pair per tensor, which ORT fuses;
-for TFLite ``quantized_decomposed.quantize_per_tensor`` / ``quantize_per_channel`` (s8), converted by
-litert-torch in static-quantization mode into CONV_2D / DEPTHWISE_CONV_2D / ADD / MUL / MEAN /
-LOGISTIC / HARD_SWISH int8 kernels.
+Deployment (no calibration): `deploy_model` copies the network, freezes the eval-mode computation
+(BN folded, int32 biases: the same tensors) and replaces each quantizer by a frozen one holding the
+learned scale and zero point — for ONNX ``torch.fake_quantize_per_tensor_affine`` (u8) /
+``fake_quantize_per_channel_affine`` (weights), exported with the TorchScript exporter (opset 13..17)
+into one Q/DQ pair per tensor, which ORT fuses; for TFLite ``quantized_decomposed.quantize_per_tensor``
+/ ``quantize_per_channel`` (s8), converted by litert-torch in static-quantization mode into CONV_2D /
+DEPTHWISE_CONV_2D / ADD / MUL / MEAN / LOGISTIC / HARD_SWISH / FULLY_CONNECTED int8 kernels.
 
-x86 CPUs without VNNI: ORT's default u8 x s8 kernels add pairs of products in saturating int16
-(``vpmaddubsw``) and full-range learned weights overflow (a 4.6 % output error on one conv). Sessions
-here set ``session.x64quantprecision=1`` (`ort_session`, auto on such CPUs): exact u8 x u8 kernels.
+x86 CPUs without VNNI (this machine: AMD EPYC, AVX2): ORT's default u8 x s8 kernels add pairs of
+products in saturating int16 (``vpmaddubsw``) and full-range weights overflow (4.6 % error on one
+conv). Sessions here set ``session.x64quantprecision=1`` (`ort_session`, automatic on such CPUs):
+exact u8 x u8 kernels, but about as slow as fp32. The ``ort_avx2`` preset trains 7-bit weights, which
+ORT runs exactly with the fast kernels (it converts only weights outside [-64, 64]).
 
 Example::
 
