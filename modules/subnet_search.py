@@ -715,7 +715,8 @@ def load_subnet_checkpoint(path: str | os.PathLike, device="cpu", num_classes: i
         raise ValueError(f"quant mode {quant_mode!r}: expected fp32 or lsq")
     state = ckpt["model"]
     if mode == "lsq" and quant_mode == "fp32":
-        state = {k: v for k, v in state.items() if ".act_quant." not in k and ".weight_quant." not in k}
+        # every quantizer module is named `*_quant` (act_quant, weight_quant, branch_quant, gate_quant, ...)
+        state = {k: v for k, v in state.items() if not k.rsplit(".", 2)[-2].endswith("_quant")}
         mode = "fp32"
     if mode == "lsq":
         set_quant_mode(model, "lsq", ckpt.get("quant_preset") or "ort")
