@@ -48,11 +48,16 @@ def calibrate_bn(model: nn.Module, batches: Iterable, num_batches: int, device="
     Returns the number of images seen."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(bn.momentum, bn.training) for bn in bns]
+    modes = [(m, m.training) for m in model.modules()]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None
-    was_training = model.training
     model.eval()
+    # BNs in train mode, and so are the modules that own a BN: an owner in eval mode may fold its BN into
+    # the conv (backend presets) and never call it, which would leave the running stats unestimated
+    for m in model.modules():
+        if any(isinstance(c, nn.modules.batchnorm._BatchNorm) for c in m.children()):
+            m.training = True
     for bn in bns:
         bn.train()
     seen = 0
@@ -66,7 +71,8 @@ def calibrate_bn(model: nn.Module, batches: Iterable, num_batches: int, device="
     finally:
         for bn, (momentum, training) in zip(bns, saved):
             bn.momentum = momentum
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     if seen == 0:
         raise ValueError("BN calibration got no batches: the calibration loader is empty")
     for bn in bns:

@@ -259,3 +259,19 @@ def test_engine_helpers_without_process_group():
     rc = ResizeCache(x)
     assert rc(32) is x and rc(48) is rc(48) and rc(48).shape[-1] == 48
     assert step_rng(3, 7).random() == step_rng(3, 7).random() != step_rng(3, 8).random()
+
+
+@pytest.mark.parametrize("preset", ["ort", "original"])
+def test_bn_calibration_reaches_every_bn_in_lsq_mode(preset):
+    """calibrate_bn must run every BN, also where an eval-mode op folds its BN into the conv (backend presets)."""
+    from modules.engine import calibrate_bn
+    from modules.lsq import set_quant_mode
+    torch.manual_seed(0)
+    net = set_quant_mode(supernet_from_encoding(ENC), "lsq", preset)
+    net.set_min_subnet()
+    net.train()(torch.randn(4, 3, 32, 32))  # initialise the scales
+    sub = net.get_active_subnet().eval()
+    bns = [m for m in sub.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    calibrate_bn(sub, [(torch.randn(4, 3, 32, 32), None)] * 2, 2)
+    assert all(int(bn.num_batches_tracked) == 2 for bn in bns)
+    assert not any(m.training for m in sub.modules())  # the modes are restored
