@@ -295,7 +295,8 @@ class Student:
     epoch: int = 0  # next epoch to run
     batch_in_epoch: int = 0  # batches of `epoch` already done (resume after SIGTERM)
     step: int = 0
-    done_loss: tuple = (0.0, 0.0, 0.0, 0.0)
+    loss_sums: tuple = (0.0, 0.0, 0.0, 0.0)  # train-loss sums of the batches done in `epoch` (for resume)
+    loss_count: int = 0
 
     @property
     def key(self) -> str:
@@ -576,6 +577,8 @@ def run_block_kd(args: argparse.Namespace, phase: str) -> dict:
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["lr_scheduler"])
             st.epoch, st.batch_in_epoch, st.step = ck["epoch"], ck.get("batch_in_epoch", 0), ck.get("step", 0)
+            if st.batch_in_epoch:
+                st.loss_sums, st.loss_count = tuple(ck.get("loss_sums", (0.0,) * 4)), ck.get("loss_count", 0)
             log.info("%s: resumed from %s at epoch %d (+%d batches)", model.key, resume, st.epoch, st.batch_in_epoch)
         elif dist.is_main_process():
             d.mkdir(parents=True, exist_ok=True)
@@ -588,6 +591,7 @@ def run_block_kd(args: argparse.Namespace, phase: str) -> dict:
         if dist.is_main_process():
             ck = build_checkpoint(st.model, st.optimizer, st.scheduler, epoch=st.epoch, step=st.step, args=args,
                                   meta=st.model.meta(), phase=phase, batch_in_epoch=st.batch_in_epoch,
+                                  loss_sums=list(st.loss_sums), loss_count=st.loss_count,
                                   quant_preset=getattr(args, "quant_preset", None) if phase == "lsq" else None)
             atomic_save(ck, st.out_dir / ckpt_name)
 
@@ -616,8 +620,9 @@ def run_block_kd(args: argparse.Namespace, phase: str) -> dict:
             if not active:
                 continue
             set_loader_epoch(loader, epoch)
-            sums = {s.key: [0.0] * 4 for s in active}
-            counts = {s.key: 0 for s in active}
+            for s in active:
+                if s.batch_in_epoch == 0:
+                    s.loss_sums, s.loss_count = (0.0,) * 4, 0
             t0 = time.time()
             bar = tqdm(total=steps_per_epoch, desc=f"{phase} epoch {epoch + 1}/{args.epochs}",
                        disable=args.no_progress or not dist.is_main_process(), unit="batch", leave=False)
@@ -633,8 +638,8 @@ def run_block_kd(args: argparse.Namespace, phase: str) -> dict:
                                           args.grad_clip_value, args.nsr_eps, flag.set)
                 for s in stepping:
                     s.batch_in_epoch = bi + 1
-                    sums[s.key] = [a + v for a, v in zip(sums[s.key], losses[s.key])]
-                    counts[s.key] += 1
+                    s.loss_sums = tuple(a + v for a, v in zip(s.loss_sums, losses[s.key]))
+                    s.loss_count += 1
                 bar.set_postfix(loss=f"{sum(sum(v) for v in losses.values()) / (4 * len(losses)):.4f}")
                 if stop:
                     stopped = True
@@ -647,10 +652,10 @@ def run_block_kd(args: argparse.Namespace, phase: str) -> dict:
                 break
             train_seconds = time.time() - t0
             for s in active:
-                s.epoch, s.batch_in_epoch = epoch + 1, 0
+                mean = [dist.all_reduce_mean(v / max(1, s.loss_count)) for v in s.loss_sums]
+                s.epoch, s.batch_in_epoch, s.loss_sums, s.loss_count = epoch + 1, 0, (0.0,) * 4, 0
                 t1 = time.time()
                 nsr = evaluate_student(s.model, cache, hw_list, args.seed, args.nsr_eps)
-                mean = [dist.all_reduce_mean(v / max(1, counts[s.key])) for v in sums[s.key]]
                 log_eval(s, nsr, mean, train_seconds / len(active) + time.time() - t1)
                 save(s)
                 log.info("%s epoch %d: train loss (max/min/rand/rand) %s; held-out NSR max %.4f min %.4f random %.4f",
@@ -672,8 +677,8 @@ def run_block_kd(args: argparse.Namespace, phase: str) -> dict:
                 lines.append(f"{st.model.stage_idx},{st.model.block_idx},{st.model.spec.name},{r['epochs']},"
                              + ",".join(f"{r[w][m]:.4f}" for w in ("before", "after") for m in EVAL_MODES))
         atomic_write_text(root / f"{phase}_summary.csv", "\n".join(lines) + "\n")
-        log.info("%s block KD finished in %.0f s (summary: %s)", phase, time.time() - t_start,
-                 root / f"{phase}_summary.csv")
+        log.info("%s block KD %s after %.0f s (summary: %s)", phase, "stopped" if stopped else "finished",
+                 time.time() - t_start, root / f"{phase}_summary.csv")
     dist.barrier()
     dist.destroy_distributed()
     if stopped:
