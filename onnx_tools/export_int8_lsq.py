@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python onnx_tools/export_int8_lsq.py`
@@ -78,8 +77,8 @@ def load_lsq_models(args):
             if e.supernet != str(net.choice):
                 raise ValueError(f"model {name} is a subnet of {e.supernet}, the checkpoint holds {net.choice}")
             subnets.append(e.subnet)
-        warnings.warn("subnets taken from a supernet checkpoint keep the supernet's BN statistics; for accurate "
-                      "int8 models export them with export_subnet.py (BN recalibration) first", stacklevel=2)
+        print("warning: subnets taken from a supernet checkpoint keep the supernet's BN statistics; for accurate "
+              "int8 models export them with export_subnet.py (BN recalibration) first", file=sys.stderr)
         superspace, choice = str(net.choice).split("-", 1)
         for s in subnets:
             net.set_active_subnet(s)
