@@ -349,10 +349,11 @@ class DynamicConvBNAct(nn.Module):
         return self.conv.convs[0].act_quant if isinstance(self.conv, DynamicK3DWStack) else self.conv.act_quant
 
     def folds_bn(self) -> bool:
-        """Eval mode of a backend preset with BN running statistics: conv and BN run as one folded conv."""
+        """Eval mode of a backend preset with BN running statistics: conv and BN run as one folded conv (not
+        while the BN itself trains, e.g. in BN calibration)."""
         conv = self.conv.convs[0] if isinstance(self.conv, DynamicK3DWStack) else self.conv
-        return (not self.training and isinstance(self.bn, nn.BatchNorm2d) and self.bn.track_running_stats
-                and backend_active(conv.weight_quant))
+        return (not self.training and isinstance(self.bn, nn.BatchNorm2d) and not self.bn.training
+                and self.bn.track_running_stats and backend_active(conv.weight_quant))
 
     def forward(self, x, prequantized=False):
         if self.folds_bn():

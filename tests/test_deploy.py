@@ -202,3 +202,18 @@ def test_ort_avx2_preset_exports_7bit_weights(trained, tmp_path):
     for precise in (True, False):  # 7-bit weights: the fast kernels are exact too
         err, agree = _agree(deploy.run_onnx_batch(path, x, precise=precise), ref)
         assert err < 0.01 and agree >= 0.99, (precise, err, agree)
+
+
+def test_bn_calibration_still_sees_the_bn_in_backend_presets(trained):
+    """Eval mode folds BN into the conv, but not while the BN itself trains (engine.calibrate_bn)."""
+    import copy
+
+    from modules.engine import calibrate_bn
+
+    sub, x, _ = trained
+    m = copy.deepcopy(sub)
+    bns = [b for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+    before = [b.running_mean.clone() for b in bns]
+    calibrate_bn(m, [x[:32]], 1)
+    assert all(not torch.equal(b.running_mean, r) for b, r in zip(bns, before))
+    assert all(int(b.num_batches_tracked) == 1 for b in bns)
