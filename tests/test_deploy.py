@@ -217,3 +217,19 @@ def test_bn_calibration_still_sees_the_bn_in_backend_presets(trained):
     calibrate_bn(m, [x[:32]], 1)
     assert all(not torch.equal(b.running_mean, r) for b, r in zip(bns, before))
     assert all(int(b.num_batches_tracked) == 1 for b in bns)
+
+
+def test_ort_and_tflite_presets_compute_the_same_function(trained):
+    import copy
+
+    sub, x, ref = trained
+    m = copy.deepcopy(sub)
+    set_quant_mode(m, "lsq", "tflite")  # same scales and offsets, the 256-level grid named -128..127
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x).numpy(), ref, rtol=0, atol=0)
+        y = deploy.deploy_model(m, "torch")(x).numpy()
+    q = next(q for q in quantizers(m) if isinstance(q, TensorQuantizer) and backend_active(q))
+    assert q.qmin == -128 and -128 <= q.qparams()[1] <= 127
+    err, agree = _agree(y, ref)
+    assert err < 0.01 and agree == 1.0
