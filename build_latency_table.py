@@ -1,12 +1,15 @@
 """Build (or resume) the block-latency table of a superspace on this device (issue 5, spec §11.1 replaced).
 
-1. Sample `--num_subnets` random subnets (random supernets of the superspace, or `--supernet`) plus the
-   max and min subnets at each resolution, and measure every distinct block they contain as a
+1. Take every configuration of the fixed blocks (first conv, stage0, head) and sample `--num_subnets`
+   random subnets (random supernets of the superspace, or `--supernet`) plus the max and min subnets at
+   each resolution, and measure every distinct block they contain as a
    standalone model (progress bar; saved every few blocks, so an interrupted build resumes where it
    stopped: blocks already in the table are never measured again).
-2. Measure `--num_calib` whole subnets end to end (exported as deployed: torch ONNX export + ONNX
-   Runtime static quantization, or LiteRT) and fit the correction ``latency = a * sum(blocks) + b`` for
-   the superspace. Whole-model measurements are kept in the table too and reused on resume.
+2. Measure `--num_calib` whole subnets end to end and fit the correction
+   ``latency = a * sum(blocks) + b`` for the superspace. ORT whole models are written directly
+   (`--exporter direct`, node for node the torch export + `modules.export.quantize_onnx_int8`, as the
+   tests check, in a fraction of the time) or exported through torch (`--exporter torch`; always for
+   LiteRT). Whole-model measurements are kept in the table too and reused on resume.
 
 Writes ``<output_dir>/latency/<platform>.json``; `modules.latency_predictor.load_predictor(platform,
 superspace, <output_dir>/latency)` reads it (blocks missing from the table are predicted by a
@@ -58,6 +61,8 @@ def get_args_parser():
     p.add_argument("--min_runs", type=int, default=15, help="timed runs per block (at least)")
     p.add_argument("--min_time", type=float, default=0.03, help="measured seconds per block (at least)")
     p.add_argument("--quant_format", default="qdq", choices=("qdq", "qoperator"), help="ort_int8 quantization format")
+    p.add_argument("--exporter", default="direct", choices=("direct", "torch"),
+                   help="how whole calibration models are built (ORT platforms)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="print full tracebacks on errors")
@@ -77,12 +82,13 @@ def _check_args(args) -> None:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
 
 
-def measure_calibration(pred, models: list[tuple[str, str]], superspace: str, progress: bool = True) -> list[dict]:
+def measure_calibration(pred, models: list[tuple[str, str]], superspace: str, progress: bool = True,
+                        exporter: str = "direct") -> list[dict]:
     """Whole-model latency of each (supernet, subnet), reusing the ones already in the table."""
     import torch
     from tqdm import tqdm
 
-    from modules.latency_predictor import measure_subnet
+    from modules.latency_predictor import ORT_PLATFORMS, measure_configs, measure_subnet, subnet_block_configs
     from modules.supernet import build_subnet
 
     torch.set_num_threads(1)
@@ -91,7 +97,10 @@ def measure_calibration(pred, models: list[tuple[str, str]], superspace: str, pr
     for sup, sub in tqdm(models, desc="whole models", disable=not progress, unit="model"):
         m = done.get((sup, sub))
         if m is None:
-            r = measure_subnet(build_subnet(sup, sub), pred.platform, pred.mc)
+            if exporter == "direct" and pred.platform in ORT_PLATFORMS:
+                r = measure_configs(subnet_block_configs(sup, sub), pred.platform, pred.mc)
+            else:
+                r = measure_subnet(build_subnet(sup, sub), pred.platform, pred.mc)
             m = {"superspace": superspace, "supernet": sup, "subnet": sub, "measured_ms": r[pred.mc.stat],
                  "runs": r["runs"]}
             pred.calibration.append(m)
@@ -101,8 +110,8 @@ def measure_calibration(pred, models: list[tuple[str, str]], superspace: str, pr
 
 
 def main(args):
-    from modules.latency_predictor import (LatencyPredictor, device_info, sample_subnets, subnet_block_configs,
-                                           table_path)
+    from modules.latency_predictor import (LatencyPredictor, device_info, fixed_block_configs, sample_subnets,
+                                           subnet_block_configs, table_path)
 
     _check_args(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -124,14 +133,15 @@ def main(args):
     for i in range(args.num_calib):
         calib += sample_subnets(args.superspace, 1, cal_rng, [res[i % len(res)]], args.supernet or None,
                                 extremes=False)
-    lists = [subnet_block_configs(s, n) for s, n in subnets + calib]
+    lists = [fixed_block_configs(args.superspace, res)] + [subnet_block_configs(s, n) for s, n in subnets + calib]
     log.info("%s %s: %d subnets (+%d for calibration), table %s (%d blocks already measured)", args.superspace,
              args.platform, len(subnets), len(calib), path, resumed)
     new = pred.build(lists, desc=f"{args.platform} blocks", progress=not args.no_progress)
     log.info("measured %d new blocks (session overhead %.4f ms subtracted from each) in %.0f s", new,
              pred.overhead_ms, time.time() - t0)
     if calib:
-        models = measure_calibration(pred, calib, args.superspace, progress=not args.no_progress)
+        models = measure_calibration(pred, calib, args.superspace, progress=not args.no_progress,
+                                     exporter=args.exporter)
         cfgs = [subnet_block_configs(m["supernet"], m["subnet"]) for m in models]
         y = [m["measured_ms"] for m in models]
         a, b = pred.calibrate(cfgs, y, models=models, superspace=args.superspace)

@@ -13,8 +13,9 @@
      and the RMS of their difference;
    * **table** predictor (all blocks measured; correction fitted on the calibration models only):
      share within +-10 % of the first measurement, of the second, and of their mean; RMSE;
-   * **regression** predictor (every block of the test subnets predicted by the per-type regression
-     fitted on the train + calibration blocks only, none of the test-only blocks);
+   * **regression** predictor (the blocks of the test subnets that a table built from the train +
+     calibration subnets and the fixed blocks would not hold, predicted by the regression fitted on
+     that table);
    * the uncorrected block sum, and the raw sum of standalone blocks (what the correction adds);
    * block-level regression accuracy on held-out blocks; prediction time per subnet.
    With `--ablation K`, the blocks of K test subnets are also measured as plain quantized models
@@ -121,8 +122,9 @@ def fit_correction(sums, meas) -> tuple[float, float]:
 def main(args):
     from tqdm import tqdm
 
-    from modules.latency_predictor import (BlockRegressor, LatencyPredictor, block_key, parse_block_key,
-                                           random_subnet, random_supernet, subnet_block_configs, _measure_block)
+    from modules.latency_predictor import (BlockRegressor, LatencyPredictor, _measure_block, block_key,
+                                           fixed_block_configs, parse_block_key, random_subnet, random_supernet,
+                                           subnet_block_configs)
 
     os.makedirs(args.output_dir, exist_ok=True)
     t_start = time.time()
@@ -146,7 +148,8 @@ def main(args):
     pred = LatencyPredictor(args.platform, table, runs=args.min_runs, min_time=args.min_time, stat="min")
     n_before = len(pred.table)
     t0 = time.time()
-    new = pred.build([cfgs[m] for m in test + calib + train], desc="blocks", progress=progress)
+    fixed = fixed_block_configs(args.superspace, args.resolutions)  # build_latency_table.py measures these too
+    new = pred.build([fixed] + [cfgs[m] for m in test + calib + train], desc="blocks", progress=progress)
     t_blocks = time.time() - t0
     print(f"blocks: {len(pred.table)} in the table ({n_before} cached, {new} measured in {t_blocks:.0f} s, "
           f"{t_blocks / max(new, 1):.3f} s/block); session overhead {pred.overhead_ms * 1e3:.1f} us", flush=True)
@@ -185,14 +188,16 @@ def main(args):
 
     # ---------------------------------------------------------------- evaluation
     ov = pred.overhead_ms
-    keys_train = {block_key(c) for m in calib + train for c in cfgs[m]}
+    keys_train = {block_key(c) for m in calib + train for c in cfgs[m]} | {block_key(c) for c in fixed}
     reg = BlockRegressor().fit([parse_block_key(k) for k in keys_train], [pred.table[k] for k in keys_train])
 
     def tsum(m):
         return sum(pred.table[block_key(c)] for c in cfgs[m])
 
     def rsum(m):
-        return sum(pred.table[block_key(c)] if block_key(c) in keys_train else max(reg.predict(c), 0.0) for c in cfgs[m])
+        out = [c for c in cfgs[m] if block_key(c) not in keys_train]
+        return (sum(pred.table[block_key(c)] for c in cfgs[m] if block_key(c) in keys_train)
+                + float(np.maximum(reg.predict_many(out), 0.0).sum()))
 
     def rawsum(m):
         return sum(pred.raw[block_key(c)] for c in cfgs[m])
@@ -250,7 +255,7 @@ def main(args):
     held = {block_key(c): c for m in test for c in cfgs[m] if block_key(c) not in keys_train}
     hk = list(held)
     if hk:
-        pr = np.array([max(reg.predict(held[k]), 1e-6) for k in hk])
+        pr = np.maximum(reg.predict_many([held[k] for k in hk]), 1e-6)
         ms = np.array([max(pred.table[k], 1e-6) for k in hk])
         err = pr / ms - 1
         big = ms >= 0.05

@@ -57,6 +57,7 @@ import json
 import math
 import os
 import platform as _platform
+import random
 import tempfile
 import time
 import warnings
@@ -153,7 +154,9 @@ class _Graph:
         if self.materialize:
             from onnx import numpy_helper
 
-            a = self.rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
+            n = int(np.prod(shape))
+            start = int(self.rng.integers(_POOL.size))
+            a = np.resize(_POOL, start + n)[start:].reshape(shape) * np.float32(scale)  # weights: speed only
             self.inits.append(numpy_helper.from_array(a, name))
         return name
 
@@ -246,6 +249,8 @@ class _Graph:
             return x
         return self.conv(x, cout, 1, stride)
 
+
+_POOL = np.random.default_rng(12345).standard_normal(1 << 18).astype(np.float32)  # random weights, tiled
 
 FEATURES = ("one", "n_ops", "elem_in", "elem_out", "mac_pw", "mac_kxk", "mac_dw", "mac_vec", "mac_fc",
             "elem_conv_out", "elem_float", "elem_add", "elem_pool", "elem_mul")
@@ -448,9 +453,40 @@ def time_callable(fn, min_runs: int = 15, max_runs: int = 300, min_time: float =
         dt = now() - t0
         times.append(dt)
         total += dt
-    t = np.asarray(times) * 1e3
-    return {"median": float(np.median(t)), "p20": float(np.percentile(t, 20)), "min": float(t.min()),
-            "mean": float(t.mean()), "std": float(t.std()), "runs": int(t.size), "clock": clock}
+    out = _summary(np.asarray(times) * 1e3, clock)
+    out["times"] = [x * 1e3 for x in times]
+    return out
+
+
+def _summary(t: np.ndarray, clock: str) -> dict:
+    med = float(np.median(t))
+    ok = t[t >= 0.5 * med]  # a run under half the median is a clock glitch (seen once: 0.0 ms), not a latency
+    return {"median": med, "p20": float(np.percentile(t, 20)), "min": float(ok.min()), "mean": float(t.mean()),
+            "std": float(t.std()), "runs": int(t.size), "clock": clock}
+
+
+def time_rounds(fns: dict, rounds: int = 2, min_runs: int = 15, max_runs: int = 300, min_time: float = 0.04,
+                warmup: int = 3, clock: str = "cpu", seed: int = 0) -> dict:
+    """Time several callables in `rounds` rounds, each round visiting them in a new random order (so the
+    rounds of one model are seconds apart); per callable, the statistics of all its runs together (the
+    minimum is the minimum over the rounds), plus ``round_min`` (each round's minimum). On a shared
+    machine contention comes in phases of seconds; spreading a measurement over several phases is what
+    makes repeated measurements agree."""
+    rng = random.Random(seed)
+    keys = list(fns)
+    runs: dict = {k: [] for k in keys}
+    per_round: dict = {k: [] for k in keys}
+    for _ in range(max(rounds, 1)):
+        rng.shuffle(keys)
+        for k in keys:
+            st = time_callable(fns[k], min_runs, max_runs, min_time, warmup, 0.0, clock)
+            runs[k].extend(st.pop("times"))
+            per_round[k].append(st["min"])
+    out = {}
+    for k in fns:
+        out[k] = _summary(np.asarray(runs[k]), clock)
+        out[k]["round_min"] = per_round[k]
+    return out
 
 
 def _fake_calibration_cache(model, path: str) -> None:
@@ -661,6 +697,7 @@ class MeasureConfig:
     stat: str = "min"  # min | p20 | median | mean
     quant_format: str = "qdq"  # ort_int8: qdq | qoperator
     use_xnnpack: bool = True  # tflite_*
+    rounds: int = 2  # time_many: rounds per model, seconds apart
 
     def __post_init__(self):
         if self.clock not in CLOCKS:
@@ -673,9 +710,20 @@ class MeasureConfig:
     def time(self, fn, platform: str | None = None, min_runs: int | None = None, min_time: float | None = None,
              warmup: int | None = None) -> dict:
         """Timing statistics of `fn` with these settings (`platform` is informational)."""
-        return time_callable(fn, self.min_runs if min_runs is None else min_runs, self.max_runs,
-                             self.min_time if min_time is None else min_time,
-                             self.warmup if warmup is None else warmup, clock=self.clock)
+        st = time_callable(fn, self.min_runs if min_runs is None else min_runs, self.max_runs,
+                           self.min_time if min_time is None else min_time,
+                           self.warmup if warmup is None else warmup, clock=self.clock)
+        st.pop("times")
+        return st
+
+    def time_many(self, fns: dict, min_runs: int | None = None, min_time: float | None = None,
+                  warmup: int | None = None, seed: int = 0) -> dict:
+        """Statistics of each callable over ``rounds`` shuffled rounds (:func:`time_rounds`); per round
+        `min_runs` / `min_time` (default: this config's, split over the rounds)."""
+        r = max(self.rounds, 1)
+        return time_rounds(fns, r, max(1, -(-self.min_runs // r)) if min_runs is None else min_runs, self.max_runs,
+                           self.min_time / r if min_time is None else min_time,
+                           self.warmup if warmup is None else warmup, self.clock, seed)
 
 
 def measure_block(cfg: dict, platform: str, threads: int = 1, warmup: int = 3, runs: int = 15,
@@ -689,25 +737,33 @@ def measure_block(cfg: dict, platform: str, threads: int = 1, warmup: int = 3, r
     return _measure_block(cfg, platform, mc, workdir, exporter)[stat]
 
 
-def _measure_block(cfg: dict, platform: str, mc: MeasureConfig, workdir=None, exporter: str = "direct",
-                   boundary: str = "network") -> dict:
+def _block_runner(cfg: dict, platform: str, mc: MeasureConfig, workdir=None, exporter: str = "direct",
+                  boundary: str = "network"):
+    """A no-argument callable running the standalone model of one block once (it keeps its session)."""
     if platform in ORT_PLATFORMS:
         if exporter == "torch":
             data = _torch_block_bytes(cfg, platform, mc.quant_format, workdir)
         else:
             data = block_model_bytes(cfg, platform, mc.quant_format, workdir, boundary)
-        return mc.time(_session_runner(_ort_session(data, mc.threads), iobinding=boundary == "network"), platform)
+        return _session_runner(_ort_session(data, mc.threads), iobinding=boundary == "network")
     if platform in ("tflite_int8", "tflite_fp32"):
         from modules import export
 
         module = build_block_module(cfg)
         shape = _block_input_shape(cfg) if cfg["name"] != "Logits" else (1, cfg["cin"], 1, 1)
-        with tempfile.TemporaryDirectory(dir=workdir) as tmp, warnings.catch_warnings():
+        tmp = tempfile.TemporaryDirectory(dir=workdir)
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            path = export.export_tflite(module, shape[2], os.path.join(tmp, "b.tflite"),
+            path = export.export_tflite(module, shape[2], os.path.join(tmp.name, "b.tflite"),
                                         int8=platform == "tflite_int8", in_channels=shape[1], num_random_calib=4)
-            return mc.time(_tflite_runner(path, mc), platform)
+        fn = _tflite_runner(path, mc)
+        return lambda _keep=tmp: fn()  # the temp dir lives as long as the runner
     raise ValueError(f"platform {platform!r} is not measured; measured platforms: {', '.join(MEASURED_PLATFORMS)}")
+
+
+def _measure_block(cfg: dict, platform: str, mc: MeasureConfig, workdir=None, exporter: str = "direct",
+                   boundary: str = "network") -> dict:
+    return mc.time_many({0: _block_runner(cfg, platform, mc, workdir, exporter, boundary)})[0]
 
 
 def _tflite_runner(path, mc: MeasureConfig):
@@ -805,16 +861,83 @@ def measure_subnet(net, platform: str, mc: MeasureConfig | None = None, workdir:
         return measure_model_file(path, platform, mc, **timing)
 
 
+def stitch_blocks(models: list) -> "onnx.ModelProto":
+    """Chain block models into one network (names prefixed per block). Where one block's output type differs
+    from the next block's input type, a QuantizeLinear (float -> uint8) or DequantizeLinear is inserted.
+    Quantized network-form blocks (:func:`block_model_bytes` without the NHWC transposes) chained this way
+    give the graph ORT's quantizer writes for the whole network: between two blocks one uint8 tensor (the
+    last Q of one block, the first DQ of the next)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits, opsets = [], [], {}
+    prev, prev_type, inp, out_vi = None, None, None, None
+    for i, m in enumerate(models):
+        g = m.graph
+        for o in m.opset_import:
+            opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
+        pre = f"b{i}/"
+        gin, gout = g.input[0], g.output[0]
+        in_type = gin.type.tensor_type.elem_type
+        if i == 0:
+            src = "input"
+            inp = helper.make_tensor_value_info("input", in_type, [d.dim_value for d in gin.type.tensor_type.shape.dim])
+        else:
+            src = prev
+            if prev_type != in_type:
+                op = "QuantizeLinear" if in_type == TensorProto.UINT8 else "DequantizeLinear"
+                sc, zp = f"{pre}boundary_scale", f"{pre}boundary_zp"
+                inits += [numpy_helper.from_array(np.array(1 / 32, np.float32), sc),
+                          numpy_helper.from_array(np.array(128, np.uint8), zp)]
+                nodes.append(helper.make_node(op, [prev, sc, zp], [f"{pre}boundary"], name=f"{pre}boundary"))
+                src = f"{pre}boundary"
+
+        def rn(x, _pre=pre, _src=src, _in=gin.name):
+            return x if not x else (_src if x == _in else _pre + x)
+
+        for n in g.node:
+            n2 = helper.make_node(n.op_type, [rn(x) for x in n.input], [rn(x) for x in n.output],
+                                  name=pre + (n.name or n.op_type), domain=n.domain)
+            n2.attribute.extend(n.attribute)
+            nodes.append(n2)
+        for t in g.initializer:
+            t2 = type(t)()
+            t2.CopyFrom(t)
+            t2.name = pre + t.name
+            inits.append(t2)
+        prev, prev_type = pre + gout.name, gout.type.tensor_type.elem_type
+        out_vi = gout
+    for n in nodes:  # the last block writes "output"
+        for j, x in enumerate(n.output):
+            if x == prev:
+                n.output[j] = "output"
+    out = helper.make_tensor_value_info("output", prev_type, [d.dim_value for d in out_vi.type.tensor_type.shape.dim])
+    model = helper.make_model(helper.make_graph(nodes, "model", [inp], [out], inits),
+                              opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
+    model.ir_version = models[0].ir_version
+    return model
+
+
 def subnet_model_bytes(block_configs: list[dict], platform: str, quant_format: str = "qdq",
-                       workdir: str | None = None) -> bytes:
-    """A whole network written directly (:func:`subnet_onnx`, then :func:`quantize_block_onnx` for
-    ort_int8; float input and output, as deployed)."""
+                       workdir: str | None = None, method: str = "stitch") -> bytes:
+    """A whole network written directly (float input and output, as deployed). FP32: :func:`subnet_onnx`.
+    INT8: ``method="stitch"`` (default) chains the quantized network-form blocks (:func:`stitch_blocks`;
+    ~5x faster than quantizing the whole graph, whose ORT quantizer is quadratic in the node count);
+    ``"quantize"``: :func:`quantize_block_onnx` of the whole :func:`subnet_onnx`. The test suite checks
+    both give the optimised graph of the torch export + `modules.export.quantize_onnx_int8`."""
     if platform not in ORT_PLATFORMS:
         raise ValueError(f"directly written models are ONNX: ort_int8 / ort_fp32, not {platform!r} (use measure_subnet)")
-    model = subnet_onnx(block_configs)
-    if platform == "ort_int8":
-        model = quantize_block_onnx(model, quant_format, workdir=workdir)
-    return model.SerializeToString()
+    if method not in ("stitch", "quantize"):
+        raise ValueError(f"method {method!r}: use 'stitch' or 'quantize'")
+    if platform == "ort_fp32" or method == "quantize":
+        model = subnet_onnx(block_configs)
+        if platform == "ort_int8":
+            model = quantize_block_onnx(model, quant_format, workdir=workdir)
+        return model.SerializeToString()
+    blocks = []
+    for i, cfg in enumerate(block_configs):
+        q = quantize_block_onnx(block_onnx(cfg, seed=i), quant_format, workdir=workdir)
+        blocks.append(strip_boundary_qdq(q, keep_input=i == 0, keep_output=i == len(block_configs) - 1))
+    return stitch_blocks(blocks).SerializeToString()
 
 
 def measure_configs(block_configs: list[dict], platform: str, mc: MeasureConfig | None = None,
@@ -852,9 +975,10 @@ def _as_choice(supernet):
     return supernet if isinstance(supernet, SupernetChoice) else parse_supernet(str(supernet))
 
 
-def subnet_block_configs(supernet, subnet) -> list[dict]:
+def subnet_block_configs(supernet, subnet, num_classes: int | None = None) -> list[dict]:
     """Block configs of a subnet from its encodings alone, equal to ``SuperNet.block_configs()`` of that
-    subnet (the test suite checks it) without building the network (an onnxw supernet takes seconds)."""
+    subnet (the test suite checks it) without building the network (an onnxw supernet takes seconds).
+    `num_classes`: the logits width (default: the superspace's)."""
     from modules.encoding import SubnetConfig, parse_subnet
     from modules.superspace import SUBNET_STAGES
 
@@ -871,12 +995,50 @@ def subnet_block_configs(supernet, subnet) -> list[dict]:
             hw, cin = math.ceil(hw / s), w
     for name in ("final_expand", "feature_mix", "logits"):
         spec = space.fixed[name]
-        w = space.num_classes if name == "logits" else max(space.stage(name).width_list)
+        w = (num_classes or space.num_classes) if name == "logits" else max(space.stage(name).width_list)
         e = None if spec.expand_list == (None,) else max(spec.expand_list)
         out.append(dict(name=spec.name, cin=cin, cout=w, kernel=max(spec.kernel_list), expand=e, stride=1,
                         act=spec.act, se=spec.se, hw=hw))
         hw = 1 if spec.name == "FeatureMix" else hw
         cin = w
+    return out
+
+
+def fixed_block_configs(superspace: str, resolutions=None) -> list[dict]:
+    """Every configuration of the blocks outside the searchable stages (first conv, stage0, final expand,
+    feature mix, logits) at each resolution: few, in every subnet, and unlike the searchable blocks, so
+    the table should hold them all rather than leave them to the regression."""
+    import itertools
+
+    from modules.superspace import get_superspace
+
+    space = get_superspace(superspace)
+    out = []
+    fc, s0 = space.stage("first_conv"), space.stage("stage0")
+    fspec, sspec = space.fixed["first_conv"], space.fixed["stage0"]
+    for r in resolutions or space.supernet_hw_list:
+        for w in fc.width_list:
+            out.append(dict(name=fspec.name, cin=space.cin, cout=w, kernel=max(fspec.kernel_list), expand=None,
+                            stride=fc.stride, act=fspec.act, se=fspec.se, hw=r))
+        hw = math.ceil(r / fc.stride)
+        for k, e in itertools.product(sspec.kernel_list, sspec.expand_list):
+            for cin, cout in itertools.product(fc.width_list, s0.width_list):
+                out.append(dict(name=sspec.name, cin=cin, cout=cout, kernel=k, expand=e, stride=s0.stride,
+                                act=sspec.act, se=sspec.se, hw=hw))
+            if max(s0.depth_list) > 1:
+                for cin, cout in itertools.product(s0.width_list, s0.width_list):
+                    out.append(dict(name=sspec.name, cin=cin, cout=cout, kernel=k, expand=e, stride=1,
+                                    act=sspec.act, se=sspec.se, hw=math.ceil(hw / s0.stride)))
+        hw = space.stage_input_hw(r, "final_expand")
+        head = [space.fixed[n] for n in ("final_expand", "feature_mix", "logits")]
+        fe_w, fm_w = max(space.stage("final_expand").width_list), max(space.stage("feature_mix").width_list)
+        for cin in space.stage("stage6").width_list:
+            out.append(dict(name=head[0].name, cin=cin, cout=fe_w, kernel=max(head[0].kernel_list), expand=None,
+                            stride=1, act=head[0].act, se=head[0].se, hw=hw))
+        out.append(dict(name=head[1].name, cin=fe_w, cout=fm_w, kernel=max(head[1].kernel_list), expand=None,
+                        stride=1, act=head[1].act, se=head[1].se, hw=hw))
+        out.append(dict(name=head[2].name, cin=fm_w, cout=space.num_classes, kernel=max(head[2].kernel_list),
+                        expand=None, stride=1, act=head[2].act, se=head[2].se, hw=1))
     return out
 
 
@@ -939,13 +1101,24 @@ def sample_subnets(superspace: str, num: int, rng, resolutions=None, supernets=N
 
 # =============================================================================================== regression
 class BlockRegressor:
-    """Per-block-type non-negative least squares on :func:`block_features`, minimising relative error;
-    a global model over all types covers types with fewer than `min_samples` measurements."""
+    """Regression fallback for blocks not in the table, fitted on the measured ones.
 
-    def __init__(self, min_samples: int = 12):
-        self.min_samples = min_samples
+    1. Per block type, non-negative least squares on :func:`block_features` (latency as a non-negative
+       sum of costs per MAC of each conv kind, per tensor element, per op), minimising relative error;
+       a global model over all types covers types with fewer than `min_samples` measurements.
+    2. With at least `min_forest` measurements, a random forest (scikit-learn) on the log ratio
+       measured / linear, from the block configuration (type, size, widths, kernel, expand, stride) and
+       the log features. The linear part alone is biased low on large blocks (-7 % on the sum of 25
+       random onnxw blocks); the residual forest removes the bias and captures width/alignment effects
+       (sums of 25 held-out blocks within +-10 %: 66 % -> 92 %, see bench/latency_predictor.py).
+    """
+
+    def __init__(self, min_samples: int = 12, min_forest: int = 40, trees: int = 150, seed: int = 0):
+        self.min_samples, self.min_forest, self.trees, self.seed = min_samples, min_forest, trees, seed
         self.coefs: dict[str, np.ndarray] = {}
         self.counts: dict[str, int] = {}
+        self.types: list[str] = []
+        self.forest = None
 
     @staticmethod
     def _solve(X: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -957,26 +1130,56 @@ class BlockRegressor:
         coef, _ = nnls(A, y * w, maxiter=50 * A.shape[1])
         return coef / scale
 
+    def _linear(self, cfgs: list[dict], X: np.ndarray) -> np.ndarray:
+        if not self.coefs:
+            raise ValueError("regression fallback is not fitted")
+        out = np.empty(len(cfgs))
+        for i, c in enumerate(cfgs):
+            out[i] = X[i] @ self.coefs.get(c["name"], self.coefs["*"])
+        return np.maximum(out, 1e-4)
+
+    def _forest_x(self, cfgs: list[dict], X: np.ndarray, lin: np.ndarray) -> np.ndarray:
+        rows = [[self.types.index(c["name"]) if c["name"] in self.types else -1, c["hw"], c["cin"], c["cout"],
+                 c["kernel"], c["expand"] or 0.0, c["stride"], c["cin"] % 16, c["cout"] % 16] for c in cfgs]
+        return np.hstack([np.asarray(rows, dtype=np.float64), np.log1p(X), np.log(lin)[:, None]])
+
     def fit(self, cfgs: list[dict], ms: list[float]) -> "BlockRegressor":
         if not cfgs:
             raise ValueError("regression fallback: no measured blocks to fit on")
         X = np.stack([block_features(c) for c in cfgs])
-        y = np.asarray(ms, dtype=np.float64)
+        y = np.maximum(np.asarray(ms, dtype=np.float64), 1e-4)
         names = np.array([c["name"] for c in cfgs])
+        self.types = sorted(set(names))
         self.coefs = {"*": self._solve(X, y)}
         self.counts = {"*": len(y)}
-        for n in sorted(set(names)):
+        for n in self.types:
             m = names == n
             self.counts[n] = int(m.sum())
             if m.sum() >= self.min_samples:
                 self.coefs[n] = self._solve(X[m], y[m])
+        self.forest = None
+        if len(y) >= self.min_forest:
+            try:
+                from sklearn.ensemble import RandomForestRegressor
+            except ImportError:  # the linear model alone
+                return self
+            lin = self._linear(cfgs, X)
+            self.forest = RandomForestRegressor(self.trees, min_samples_leaf=2, random_state=self.seed, n_jobs=1)
+            self.forest.fit(self._forest_x(cfgs, X, lin), np.log(y / lin))
         return self
 
+    def predict_many(self, cfgs: list[dict]) -> np.ndarray:
+        """Latency (ms) of each block configuration."""
+        if not cfgs:
+            return np.zeros(0)
+        X = np.stack([block_features(c) for c in cfgs])
+        lin = self._linear(cfgs, X)
+        if self.forest is None:
+            return lin
+        return lin * np.exp(self.forest.predict(self._forest_x(cfgs, X, lin)))
+
     def predict(self, cfg: dict) -> float:
-        coef = self.coefs.get(cfg["name"], self.coefs.get("*"))
-        if coef is None:
-            raise ValueError("regression fallback is not fitted")
-        return float(block_features(cfg) @ coef)
+        return float(self.predict_many([cfg])[0])
 
 
 # =============================================================================================== predictor
@@ -1004,6 +1207,7 @@ class LatencyPredictor:
         self.mc = MeasureConfig(min_runs=runs, warmup=warmup, min_time=min_time, **self._explicit)
         self.table_path = Path(table_path) if table_path else None
         self.measure_missing, self.fallback, self.workdir = measure_missing, fallback, workdir
+        self.batch_size = 32  # blocks built, then timed together in shuffled rounds
         self.table: dict[str, float] = {}
         self.raw: dict[str, float] = {}  # raw standalone times (overhead included), for reports
         self.overhead_ms: float | None = 0.0 if platform == "macs" else None
@@ -1011,6 +1215,7 @@ class LatencyPredictor:
         self.calibration: list[dict] = []
         self.device: dict = {}
         self._cache: dict[tuple, float] = {}  # block configuration -> latency (table or regression)
+        self._subnet_cache: dict[tuple, float] = {}  # (supernet, subnet, classes) -> block sum
         self._regressor: BlockRegressor | None = None
         self._unsaved = 0
         self.stats = {"table": 0, "regression": 0, "measured": 0}
@@ -1095,20 +1300,27 @@ class LatencyPredictor:
 
     def measure(self, cfg: dict) -> float:
         """Measure one block now, store it in the table (saved every few entries) and return its latency."""
+        self._measure_batch([cfg])
+        return self.table[block_key(cfg)]
+
+    def _measure_batch(self, cfgs: list[dict]) -> None:
+        """Build the standalone models of `cfgs`, time them together (:meth:`MeasureConfig.time_many`:
+        rounds in shuffled order) and store them."""
         if self.platform not in MEASURED_PLATFORMS:
             raise ValueError(f"platform {self.platform!r} is not measured")
-        key = block_key(cfg)
         overhead = self.ensure_overhead()
-        raw = _measure_block(cfg, self.platform, self.mc, self.workdir)[self.mc.stat]
-        self.raw[key] = raw
-        self.table[key] = max(raw - overhead, 0.0)
+        runners = {block_key(c): _block_runner(c, self.platform, self.mc, self.workdir) for c in cfgs}
+        stats = self.mc.time_many(runners, seed=len(self.table))
+        for key, st in stats.items():
+            self.raw[key] = st[self.mc.stat]
+            self.table[key] = max(st[self.mc.stat] - overhead, 0.0)
         self._regressor = None
-        self._cache.clear()  # regression predictions may change with the new entry
-        self.stats["measured"] += 1
-        self._unsaved += 1
+        self._cache.clear()  # regression predictions may change with the new entries
+        self._subnet_cache.clear()
+        self.stats["measured"] += len(stats)
+        self._unsaved += len(stats)
         if self._unsaved >= _SAVE_EVERY:
             self.save()
-        return self.table[key]
 
     # ------------------------------------------------------------------ prediction
     def regressor(self) -> BlockRegressor:
@@ -1147,10 +1359,39 @@ class LatencyPredictor:
         return max(self.regressor().predict(cfg), 0.0)
 
     def blocks_sum(self, block_configs: list[dict]) -> float:
-        total = 0.0
+        """Sum of the blocks' latencies (table / regression, no correction); blocks missing from the table
+        are predicted in one batch."""
+        cache = self._cache
+        total, missing = 0.0, []
         for c in block_configs:
-            total += self.block_latency(c)
+            v = cache.get((c["name"], c["hw"], c["cin"], c["cout"], c["kernel"], c["expand"], c["stride"], c["act"],
+                           c["se"]))
+            if v is None:
+                missing.append(c)
+            else:
+                total += v
+        if missing:
+            self.prefetch(missing)
+            total += sum(self.block_latency(c) for c in missing)
         return total
+
+    def prefetch(self, block_configs: list[dict]) -> None:
+        """Fill the cache for `block_configs`, regression predictions in one batch (much faster than one
+        by one with the forest)."""
+        todo = {}
+        for c in block_configs:
+            ck = (c["name"], c["hw"], c["cin"], c["cout"], c["kernel"], c["expand"], c["stride"], c["act"], c["se"])
+            if ck in self._cache or ck in todo:
+                continue
+            if self.platform == "macs" or block_key(c) in self.table or self.measure_missing or self.fallback == "error":
+                self.block_latency(c)
+            else:
+                todo[ck] = c
+        if todo:
+            vals = self.regressor().predict_many(list(todo.values()))
+            self.stats["regression"] += len(todo)
+            for ck, v in zip(todo, vals):
+                self._cache[ck] = max(float(v), 0.0)
 
     def predict_blocks(self, block_configs: list[dict]) -> float:
         a, b = self.correction
@@ -1160,8 +1401,19 @@ class LatencyPredictor:
         """Predicted latency (ms) of the active subnet of `net` (a SuperNet or a standalone subnet)."""
         return self.predict_blocks(net.block_configs())
 
+    def predict_config(self, supernet, subnet, num_classes: int | None = None) -> float:
+        """Predicted latency (ms) of a subnet given by its encodings (no network built; the block sum is
+        cached per subnet)."""
+        key = (str(supernet), str(subnet), num_classes)
+        total = self._subnet_cache.get(key)
+        if total is None:
+            total = self._subnet_cache[key] = self.blocks_sum(subnet_block_configs(supernet, subnet, num_classes))
+        a, b = self.correction
+        return a * total + b
+
     def build(self, block_config_lists, desc: str = "measuring blocks", progress: bool = True) -> int:
-        """Measure every block of every config list not yet in the table (resumable). Returns #new."""
+        """Measure every block of every config list not yet in the table (resumable: the table is saved
+        after every batch of `batch_size` blocks and on interruption). Returns #new."""
         from tqdm import tqdm
 
         if self.platform not in MEASURED_PLATFORMS:
@@ -1173,10 +1425,15 @@ class LatencyPredictor:
                 if k not in self.table and k not in todo:
                     todo[k] = c
         self.ensure_overhead()
+        items = list(todo.values())
+        bar = tqdm(total=len(items), desc=desc, disable=not items or not progress, unit="block")
         try:
-            for c in tqdm(list(todo.values()), desc=desc, disable=not todo or not progress, unit="block"):
-                self.measure(c)
+            for i in range(0, len(items), self.batch_size):
+                batch = items[i:i + self.batch_size]
+                self._measure_batch(batch)
+                bar.update(len(batch))
         finally:
+            bar.close()
             self.save()
         return len(todo)
 

@@ -147,6 +147,7 @@ def test_sum_equals_table_entries(tmp_path, tiny_subnet):
     assert pred.correction == (1.0, 0.0)
     expected = sum(pred.table[block_key(c)] for c in net.block_configs())
     assert pred.predict_subnet(net) == pytest.approx(expected, rel=1e-12)
+    assert pred.predict_config(sup, sub) == pytest.approx(expected, rel=1e-12)  # from the encodings alone
     assert pred.stats["regression"] == 0
     # the raw standalone time is the table entry plus the session overhead
     k = block_key(net.block_configs()[1])
@@ -166,31 +167,32 @@ def test_save_load_and_resume(tmp_path, tiny_subnet, monkeypatch):
     path = tmp_path / "ort_int8.json"
     cfgs = net.block_configs()
     keys = list(dict.fromkeys(block_key(c) for c in cfgs))
-    calls = []
-    real = lp._measure_block
+    built = []
+    real = lp._block_runner
 
-    def flaky(cfg, platform, mc, workdir=None, exporter="direct"):
-        if len(calls) == 4:
+    def flaky(cfg, *a, **k):
+        if len(built) == 5:  # interrupted while building the third batch of two
             raise KeyboardInterrupt
-        calls.append(block_key(cfg))
-        return real(cfg, platform, mc, workdir, exporter)
+        built.append(block_key(cfg))
+        return real(cfg, *a, **k)
 
-    monkeypatch.setattr(lp, "_measure_block", flaky)
+    monkeypatch.setattr(lp, "_block_runner", flaky)
     pred = LatencyPredictor("ort_int8", str(path), **FAST)
+    pred.batch_size = 2
     with pytest.raises(KeyboardInterrupt):
         pred.build([cfgs], progress=False)
     saved = json.loads(path.read_text())
-    assert sorted(saved["blocks"]) == sorted(calls) and len(calls) == 4  # saved on interruption
+    assert sorted(saved["blocks"]) == sorted(built[:4])  # the two finished batches were saved
     assert saved["platform"] == "ort_int8" and saved["overhead_ms"] > 0
 
-    calls.clear()
-    monkeypatch.setattr(lp, "_measure_block", lambda *a, **k: (calls.append(block_key(a[0])), real(*a, **k))[1])
+    built.clear()
+    monkeypatch.setattr(lp, "_block_runner", lambda cfg, *a, **k: (built.append(block_key(cfg)), real(cfg, *a, **k))[1])
     resumed = LatencyPredictor("ort_int8", str(path), **FAST)
-    assert resumed.table == pytest.approx(pred.table)
+    assert resumed.table == pytest.approx(saved["blocks"])
     assert resumed.build([cfgs], progress=False) == len(keys) - 4
-    assert set(calls) == set(keys) - set(saved["blocks"])  # nothing measured twice
-    calls.clear()
-    assert LatencyPredictor("ort_int8", str(path), **FAST).build([cfgs], progress=False) == 0 and not calls
+    assert sorted(built) == sorted(set(keys) - set(saved["blocks"]))  # nothing measured twice
+    built.clear()
+    assert LatencyPredictor("ort_int8", str(path), **FAST).build([cfgs], progress=False) == 0 and not built
 
 
 def test_clear_errors(tmp_path):
@@ -266,3 +268,56 @@ def test_regression_fallback_on_held_out_blocks():
     # a block type without measurements falls back to the global model
     other = dict(name="ResNet", cin=16, cout=16, kernel=3, expand=1.0, stride=1, act="relu", se=False, hw=8)
     assert fit.block_latency(other) > 0
+
+
+def test_regressor_recovers_a_linear_cost_model():
+    """Synthetic latencies = a non-negative cost per feature: the fit (linear + residual forest) recovers
+    them on held-out configurations; predict_many equals predict."""
+    rng = random.Random(2)
+    cfgs = []
+    for _ in range(160):
+        name, act, se, e = rng.choice([("MobileNetV2Res", "relu6", False, (2, 4, 6)), ("ResNet", "relu", False, (0.5, 1.0)),
+                                       ("MobileNetV3Res", "hswish", True, (4, 6))])
+        cfgs.append(dict(name=name, cin=rng.choice((16, 24, 32, 48, 64)), cout=rng.choice((16, 24, 32, 48, 64)),
+                         kernel=rng.choice((3, 5)), expand=float(rng.choice(e)), stride=rng.choice((1, 2)), act=act,
+                         se=se, hw=rng.choice((7, 14, 28, 56))))
+    cost = np.zeros(len(lp.FEATURES))
+    for f, c in (("one", 0.01), ("mac_pw", 2e-8), ("mac_dw", 8e-8), ("mac_kxk", 1.5e-8), ("elem_float", 3e-7),
+                 ("elem_add", 1e-7), ("n_ops", 0.002)):
+        cost[lp.FEATURES.index(f)] = c
+    y = [float(lp.block_features(c) @ cost) for c in cfgs]
+    reg = lp.BlockRegressor().fit(cfgs[:120], y[:120])
+    assert reg.forest is not None
+    got = reg.predict_many(cfgs[120:])
+    assert got == pytest.approx([reg.predict(c) for c in cfgs[120:]])
+    err = np.abs(got / np.array(y[120:]) - 1)
+    assert np.median(err) < 0.05 and err.max() < 0.5, err
+
+
+def test_fixed_blocks_cover_every_subnet():
+    rng = random.Random(4)
+    keys = {block_key(c) for c in lp.fixed_block_configs("tiny")}
+    for _ in range(30):
+        choice = random_supernet("tiny", rng)
+        sub = random_subnet(choice, rng)
+        cfgs = subnet_block_configs(choice, sub)
+        fixed = cfgs[: sub.depths[0] + sub.depths[1]] + cfgs[-3:]
+        assert {block_key(c) for c in fixed} <= keys
+
+
+def test_stitched_whole_model_matches_quantized_whole_model(tmp_path):
+    """The fast whole INT8 model (quantized network-form blocks chained) runs the same optimised graph as
+    the quantized whole network; both run."""
+    from onnx_tools.inspect_int8 import optimized_graph
+
+    rng = random.Random(6)
+    choice = random_supernet("tiny", rng)
+    cfgs = subnet_block_configs(choice, random_subnet(choice, rng, 32))
+    ops = []
+    for method in ("stitch", "quantize"):
+        data = lp.subnet_model_bytes(cfgs, "ort_int8", method=method)
+        path = tmp_path / f"{method}.onnx"
+        path.write_bytes(data)
+        ops.append(collections.Counter(n.op_type for n in optimized_graph(path).node))
+        assert lp.measure_model_file(path, "ort_int8", min_runs=2, min_time=0.0, warmup=1)["min"] > 0
+    assert ops[0] == ops[1]
