@@ -369,15 +369,18 @@ def evaluate_student(model: StagePlusProj, cache: FeatureCache, hw_list: Sequenc
 @torch.no_grad()
 def init_lsq_from_data(model: StagePlusProj, inputs: torch.Tensor, seed: int, max_samples: int = 64) -> int:
     """Initialise the LSQ+ scales of the quantizers from data: forward the max, min and random sub-stages
-    (eval mode, so BN running stats stay) until every quantizer is initialised. Returns the number left."""
+    until every quantizer is initialised. Returns the number left.
+
+    Each forward is a BN calibration pass (BN on batch statistics): the checkpoint's running statistics
+    belong to whichever sub-stage was evaluated last, and with them another sub-stage's activations can be
+    off by orders of magnitude, which ruined the activation ranges (seen: a scale of 28, i.e. a range of 7000)."""
     was_training = model.training
-    model.eval()
     rng = random.Random(f"{seed}-lsq-init-{model.key}")
     # quantizers with learned state carry an `initialized` buffer (fixed-grid / pass-through ones do not)
     qs = [q for q in quantizers(model) if q.enabled and isinstance(getattr(q, "initialized", None), torch.Tensor)]
     for i in range(max_samples):
         model.sample(rng, ("max", "min")[i] if i < 2 else "random")
-        model(inputs)
+        calibrate_bn(model, [inputs], 1)
         if all(bool(q.initialized) for q in qs):
             break
     model.train(was_training)
