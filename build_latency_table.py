@@ -49,7 +49,7 @@ def get_args_parser():
     p.add_argument("--output_dir", default="./checkpoints", help="the table goes to <output_dir>/latency/<platform>.json")
     p.add_argument("--supernet", action="append", default=[],
                    help="sample subnets of this supernet encoding only (repeatable); default: random supernets")
-    p.add_argument("--num_subnets", type=int, default=6, help="random subnets per resolution (plus max and min)")
+    p.add_argument("--num_subnets", type=int, default=5, help="random subnets per resolution (plus max and min)")
     p.add_argument("--resolutions", type=int, nargs="+", default=None,
                    help="default: the superspace's supernet resolutions")
     p.add_argument("--num_calib", type=int, default=10, help="whole subnets measured end to end for the correction")
@@ -83,30 +83,33 @@ def _check_args(args) -> None:
 
 
 def measure_calibration(pred, models: list[tuple[str, str]], superspace: str, progress: bool = True,
-                        exporter: str = "direct") -> list[dict]:
-    """Whole-model latency of each (supernet, subnet), reusing the ones already in the table."""
+                        exporter: str = "direct", batch: int = 8) -> list[dict]:
+    """Whole-model latency of each (supernet, subnet), reusing the ones already in the table. ORT models
+    written directly are timed in batches over shuffled rounds (`measure_config_batch`)."""
     import torch
     from tqdm import tqdm
 
-    from modules.latency_predictor import ORT_PLATFORMS, measure_configs, measure_subnet, subnet_block_configs
+    from modules.latency_predictor import ORT_PLATFORMS, measure_config_batch, measure_subnet, subnet_block_configs
     from modules.supernet import build_subnet
 
     torch.set_num_threads(1)
     done = {(m["supernet"], m["subnet"]): m for m in pred.calibration if m.get("superspace") == superspace}
-    out = []
-    for sup, sub in tqdm(models, desc="whole models", disable=not progress, unit="model"):
-        m = done.get((sup, sub))
-        if m is None:
-            if exporter == "direct" and pred.platform in ORT_PLATFORMS:
-                r = measure_configs(subnet_block_configs(sup, sub), pred.platform, pred.mc)
-            else:
-                r = measure_subnet(build_subnet(sup, sub), pred.platform, pred.mc)
-            m = {"superspace": superspace, "supernet": sup, "subnet": sub, "measured_ms": r[pred.mc.stat],
-                 "runs": r["runs"]}
+    todo = [m for m in dict.fromkeys(models) if m not in done]
+    bar = tqdm(total=len(todo), desc="whole models", disable=not progress or not todo, unit="model")
+    for i in range(0, len(todo), batch):
+        chunk = todo[i:i + batch]
+        if exporter == "direct" and pred.platform in ORT_PLATFORMS:
+            stats = measure_config_batch({m: subnet_block_configs(*m) for m in chunk}, pred.platform, pred.mc, seed=i)
+        else:
+            stats = {m: measure_subnet(build_subnet(*m), pred.platform, pred.mc) for m in chunk}
+        for (sup, sub), r in stats.items():
+            done[(sup, sub)] = m = {"superspace": superspace, "supernet": sup, "subnet": sub,
+                                    "measured_ms": r[pred.mc.stat], "runs": r["runs"]}
             pred.calibration.append(m)
-            pred.save()
-        out.append(m)
-    return out
+        pred.save()
+        bar.update(len(chunk))
+    bar.close()
+    return [done[m] for m in models]
 
 
 def main(args):

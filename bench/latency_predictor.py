@@ -5,9 +5,11 @@
    `--num_train` more whose blocks (with the calibration subnets' blocks) train the regression fallback.
 2. Measure every distinct block of all of them (the predictor's table, `modules.latency_predictor`).
 3. Measure every test subnet end to end twice (two passes over all models, the second in reverse
-   order), the calibration subnets once. Whole models are the deployed graphs (`--exporter direct`:
-   written directly, node for node the torch export + `quantize_onnx_int8`, which the tests check;
-   `--torch_check N` also times N test models exported through torch to show they run alike).
+   order, ~10 min apart), the calibration subnets once. Each measurement builds a batch of models and
+   times them in `--rounds` shuffled rounds (the minimum over the rounds' runs), as the blocks are.
+   Whole models are the deployed graphs (`--exporter direct`: written directly, the optimised graph of
+   the torch export + `quantize_onnx_int8`, which the tests check; `--torch_check N` also times N test
+   models exported through torch to show they run alike).
 4. Report, per statistic (min, median of the per-run thread CPU times):
    * **noise floor**: share of test models whose two measurements are within +-10 % of each other,
      and the RMS of their difference;
@@ -54,8 +56,10 @@ def get_args_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min_runs", type=int, default=15, help="timed runs per block (at least)")
     p.add_argument("--min_time", type=float, default=0.03, help="measured seconds per block (at least)")
-    p.add_argument("--model_runs", type=int, default=20, help="timed runs per whole model and pass (at least)")
-    p.add_argument("--model_time", type=float, default=0.3, help="measured seconds per whole model and pass")
+    p.add_argument("--rounds", type=int, default=2, help="shuffled timing rounds per block / model and pass")
+    p.add_argument("--model_runs", type=int, default=8, help="timed runs per whole model and round (at least)")
+    p.add_argument("--model_time", type=float, default=0.1, help="measured seconds per whole model and round")
+    p.add_argument("--model_batch", type=int, default=8, help="whole models built, then timed together")
     p.add_argument("--exporter", default="direct", choices=("direct", "torch"), help="how whole models are built")
     p.add_argument("--torch_check", type=int, default=3, help="test models also timed via the torch export")
     p.add_argument("--ablation", type=int, default=10, help="test subnets whose blocks are also timed standalone")
@@ -96,7 +100,7 @@ def _whole(cfgs, platform, mc, exporter, sup=None, sub=None, runs=20, tmin=0.3) 
 
 
 def _keep(st: dict) -> dict:
-    return {k: st[k] for k in ("min", "p20", "median", "mean", "runs")}
+    return {k: st[k] for k in ("min", "p20", "median", "mean", "runs", "round_min") if k in st}
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -123,8 +127,8 @@ def main(args):
     from tqdm import tqdm
 
     from modules.latency_predictor import (BlockRegressor, LatencyPredictor, _measure_block, block_key,
-                                           fixed_block_configs, parse_block_key, random_subnet, random_supernet,
-                                           subnet_block_configs)
+                                           fixed_block_configs, measure_config_batch, parse_block_key,
+                                           random_subnet, random_supernet, subnet_block_configs)
 
     os.makedirs(args.output_dir, exist_ok=True)
     t_start = time.time()
@@ -146,6 +150,7 @@ def main(args):
     # ---------------------------------------------------------------- blocks
     table = os.path.join(args.output_dir, f"{args.platform}.json")
     pred = LatencyPredictor(args.platform, table, runs=args.min_runs, min_time=args.min_time, stat="min")
+    pred.mc.rounds = args.rounds
     n_before = len(pred.table)
     t0 = time.time()
     fixed = fixed_block_configs(args.superspace, args.resolutions)  # build_latency_table.py measures these too
@@ -157,13 +162,23 @@ def main(args):
     # ---------------------------------------------------------------- whole models
     state = State(os.path.join(args.output_dir, f"models_{args.platform}.json"))
     mc = pred.mc
-    jobs = [("cal", m) for m in calib] + [("p1", m) for m in test] + [("p2", m) for m in reversed(test)]
     t0 = time.time()
-    for tag, m in tqdm(jobs, desc="whole models", disable=not progress, unit="model"):
-        key = f"{tag}|{m[0]}|{m[1]}"
-        if state.get(key) is None:
-            st = _whole(cfgs[m], args.platform, mc, args.exporter, *m, runs=args.model_runs, tmin=args.model_time)
-            state.put(key, _keep(st))
+    bar = tqdm(total=len(calib) + 2 * len(test), desc="whole models", disable=not progress, unit="model")
+    for tag, models in (("cal", calib), ("p1", test), ("p2", list(reversed(test)))):
+        todo = [m for m in models if state.get(f"{tag}|{m[0]}|{m[1]}") is None]
+        bar.update(len(models) - len(todo))
+        for i in range(0, len(todo), args.model_batch):
+            chunk = todo[i:i + args.model_batch]
+            if args.exporter == "direct":
+                stats = measure_config_batch({m: cfgs[m] for m in chunk}, args.platform, mc, args.model_runs,
+                                             args.model_time, seed=hash((tag, i)) % 1000)
+            else:
+                stats = {m: _whole(cfgs[m], args.platform, mc, "torch", *m, runs=args.model_runs * args.rounds,
+                                   tmin=args.model_time * args.rounds) for m in chunk}
+            for m, st in stats.items():
+                state.put(f"{tag}|{m[0]}|{m[1]}", _keep(st))
+            bar.update(len(chunk))
+    bar.close()
     t_models = time.time() - t0
     loads.append(os.getloadavg()[0])
     # torch-exported cross-check

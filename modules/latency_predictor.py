@@ -951,6 +951,18 @@ def measure_configs(block_configs: list[dict], platform: str, mc: MeasureConfig 
     return mc.time(fn, platform, min_runs=min_runs, min_time=min_time, warmup=warmup)
 
 
+def measure_config_batch(models: dict, platform: str, mc: MeasureConfig | None = None, min_runs: int = 8,
+                         min_time: float = 0.1, warmup: int = 2, seed: int = 0) -> dict:
+    """End-to-end statistics of several whole networks ({key: block configs}) written directly
+    (:func:`subnet_model_bytes`), built first and then timed together over ``mc.rounds`` shuffled rounds
+    (`min_runs` / `min_time` per round), so each model's measurement spans several contention phases of a
+    shared machine. Use batches of a few models (each session holds its weights)."""
+    mc = mc or MeasureConfig()
+    fns = {k: _session_runner(_ort_session(subnet_model_bytes(cfgs, platform, mc.quant_format), mc.threads))
+           for k, cfgs in models.items()}
+    return time_rounds(fns, mc.rounds, min_runs, mc.max_runs, min_time, warmup, mc.clock, seed)
+
+
 def device_info() -> dict:
     cpu = ""
     try:
