@@ -69,7 +69,8 @@ def load_fixed_latency(path: str) -> dict[int, float]:
 def fixed_stage_latency(predictor, space) -> dict[int, float]:
     """L_fixed(R) of spec §7.1: predicted latency of the parts block KD does not cover (first_conv, stage0,
     final_expand, feature_mix, logits) in the min subnet of the all-zero supernet, per block-KD resolution.
-    The predictor's whole-network constant (`intercept_ms`) is counted here, once per sample."""
+    `predict_blocks` adds the predictor's whole-network constant, so it is counted here, once per sample;
+    the LUT rows hold only the slope times their block sum (modules.block_kd.make_latency_fn)."""
     from modules.encoding import parse_supernet
     from modules.supernet import SuperNet
 
@@ -80,7 +81,7 @@ def fixed_stage_latency(predictor, space) -> dict[int, float]:
     for r in space.block_kd_hw_list:
         net.active_resolution = r
         blocks = net.block_configs()
-        out[r] = float(predictor.predict_blocks(blocks[:n_stem] + blocks[-3:]) + predictor.intercept_ms)
+        out[r] = float(predictor.predict_blocks(blocks[:n_stem] + blocks[-3:]))
     return out
 
 
