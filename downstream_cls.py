@@ -32,17 +32,10 @@ import torch.nn as nn
 
 from modules.checkpoint import (atomic_save, atomic_write_text, build_checkpoint, load_checkpoint,
                                 load_state_dict_strict, set_rng_state, to_plain)
-from modules.cli import add_common_args, run_main, save_run_info, setup_logging
+from modules.cli import add_common_args, positive_int, run_main, save_run_info, setup_logging
 
 log = logging.getLogger("downstream_cls")
 LOG_HEADER = ["epoch", "lr", "train_loss", "train_top1", "val_top1", "seconds"]
-
-
-def _pos_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
-    return v
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -56,8 +49,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="auto: the checkpoint's mode; lsq on an fp32 checkpoint initialises the LSQ+ scales from data")
     p.add_argument("--quant_preset", choices=["original", "ort", "tflite"], default=None,
                    help="LSQ+ preset when switching an fp32 checkpoint to lsq (default ort)")
-    p.add_argument("--epochs", type=_pos_int, default=200)
-    p.add_argument("--batch_size", type=_pos_int, default=128)
+    p.add_argument("--epochs", type=positive_int, default=200)
+    p.add_argument("--batch_size", type=positive_int, default=128)
     p.add_argument("--lr", type=float, default=0.0125)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight_decay", type=float, default=1e-5)
@@ -65,12 +58,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--label_smoothing", type=float, default=0.1)
     p.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--only_train_head", action="store_true", help="freeze the body (BN statistics too)")
-    p.add_argument("--image_size", type=_pos_int, default=None, help="loader image size (default: the subnet's "
+    p.add_argument("--image_size", type=positive_int, default=None, help="loader image size (default: the subnet's "
                    "resolution)")
     p.add_argument("--hflip", action="store_true", help="random horizontal flips (natural images)")
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--steps_per_epoch", type=_pos_int, default=None, help="cap the steps per epoch (quick runs)")
-    p.add_argument("--max_eval_batches", type=_pos_int, default=None, help="cap the val batches per evaluation")
+    p.add_argument("--steps_per_epoch", type=positive_int, default=None, help="cap the steps per epoch (quick runs)")
+    p.add_argument("--max_eval_batches", type=positive_int, default=None, help="cap the val batches per evaluation")
     p.add_argument("--resume", action="store_true", help="continue from <run dir>/checkpoint.pth")
     p.add_argument("--fresh", action="store_true", help="discard an existing checkpoint of this run")
     add_common_args(p)

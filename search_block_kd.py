@@ -24,26 +24,12 @@ import os
 import sys
 import time
 
-from modules.cli import run_main, save_run_info
+from modules.cli import positive_float, positive_int, run_main, save_run_info
 from modules.encoding import SupernetChoice, parse_supernet
 from modules.evolution import Evolution, aging_evolution
 from modules.lut import load_lut_dir
 from modules.qt_score import QTScorer, fixed_stage_latency, load_fixed_latency
 from modules.superspace import SUPERSPACES, SuperSpace, get_superspace
-
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    v = float(text)
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
-    return v
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -53,14 +39,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lut_dir", default="checkpoints/lut",
                    help="holds <superspace>/stage{X}_{B}_{W}.csv (eval_block_kd.py writes <output_dir>/lut)")
     p.add_argument("--fp32_lut", action="store_true", help="read <lut_dir>/<superspace>_fp32 (LUT of fp32 block KD)")
-    p.add_argument("--hw_list", type=_positive_int, nargs="+", default=None,
+    p.add_argument("--hw_list", type=positive_int, nargs="+", default=None,
                    help="resolutions to sample (default: the superspace's block-KD resolutions found in the LUT)")
-    p.add_argument("--latency_constraints", type=_positive_float, nargs="+", required=True, help="ms")
-    p.add_argument("--latency_loss_t", type=_positive_float, default=0.08)
+    p.add_argument("--latency_constraints", type=positive_float, nargs="+", required=True, help="ms")
+    p.add_argument("--latency_loss_t", type=positive_float, default=0.08)
     p.add_argument("--latency_loss_a", type=float, default=0.01)
-    p.add_argument("--top_k", type=_positive_int, default=50)
-    p.add_argument("--num_samples", type=_positive_int, default=100_000)
-    p.add_argument("--chunk_size", type=_positive_int, default=500, help="samples per drawn resolution")
+    p.add_argument("--top_k", type=positive_int, default=50)
+    p.add_argument("--num_samples", type=positive_int, default=100_000)
+    p.add_argument("--chunk_size", type=positive_int, default=500, help="samples per drawn resolution")
     p.add_argument("--fixed_latency_csv", default=None,
                    help="lines resolution,latency_ms: latency of first_conv, stage0 and head (default 0)")
     p.add_argument("--latency_predictor", default=None,
@@ -68,15 +54,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="predict the first_conv/stage0/head latency per resolution with this platform's table "
                         "(spec §7.1) instead of --fixed_latency_csv")
     p.add_argument("--latency_table_dir", default=None, help="dir of <platform>.json (build_latency_table.py)")
-    p.add_argument("--population", type=_positive_int, default=500)
-    p.add_argument("--parents", type=_positive_int, default=125, help="tournament size")
-    p.add_argument("--cycles", type=_positive_int, default=5000, help="evaluations, initial population included")
+    p.add_argument("--population", type=positive_int, default=500)
+    p.add_argument("--parents", type=positive_int, default=125, help="tournament size")
+    p.add_argument("--cycles", type=positive_int, default=5000, help="evaluations, initial population included")
     p.add_argument("--seed", type=int, default=0, help="seeds the evolution and the score's samples")
     p.add_argument("--output_dir", default="checkpoints")
     p.add_argument("--score_only", nargs="+", metavar="CHOICE", default=None,
                    help="only score these spaces (onnxw-151122-023231, 151122-023231 or 151122_023231)")
     p.add_argument("--resume", action="store_true", help="continue from state.json of the run dir")
-    p.add_argument("--top_n", type=_positive_int, default=10, help="spaces printed at the end")
+    p.add_argument("--top_n", type=positive_int, default=10, help="spaces printed at the end")
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--debug", action="store_true", help="full tracebacks")
     return p

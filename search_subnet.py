@@ -39,9 +39,9 @@ from pathlib import Path
 import torch
 
 from modules.checkpoint import atomic_write_text
-from modules.cli import add_common_args, run_main, save_run_info, setup_logging
+from modules.cli import add_common_args, nonneg_int, positive_int, run_main, save_run_info, setup_logging
 from modules.subnet_search import (WINDOW_SEED_OFFSET, LatencyOracle, SearchSettings, SubnetEvaluator, SubnetSpace,
-                                   _nonneg_int, _pos_int, add_supernet_args, build_eval_batches, check_window,
+                                   add_supernet_args, build_eval_batches, check_window,
                                    load_predictor_for, load_supernet_checkpoint, resolve_checkpoint, resolve_data,
                                    run_subnet_search, sample_in_window)
 
@@ -76,20 +76,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency_constraint", type=_pos_float, nargs="+", required=True, help="targets c (ms)")
     p.add_argument("--latency_delta", type=float, default=5.0, help="window [c - d, c] (ms)")
     g = p.add_argument_group("evolution (defaults: the original's, or --tiny)")
-    g.add_argument("--population", type=_pos_int, default=None, help="512 (--tiny: 32)")
-    g.add_argument("--iterations", type=_pos_int, default=None, help="20 (--tiny: 5)")
-    g.add_argument("--num_mutations", type=_nonneg_int, default=None, help="128 (--tiny: 8)")
-    g.add_argument("--num_crossovers", type=_nonneg_int, default=None, help="128 (--tiny: 8)")
+    g.add_argument("--population", type=positive_int, default=None, help="512 (--tiny: 32)")
+    g.add_argument("--iterations", type=positive_int, default=None, help="20 (--tiny: 5)")
+    g.add_argument("--num_mutations", type=nonneg_int, default=None, help="128 (--tiny: 8)")
+    g.add_argument("--num_crossovers", type=nonneg_int, default=None, help="128 (--tiny: 8)")
     g.add_argument("--parent_ratio", type=_prob, default=0.5)
     g.add_argument("--mutate_prob", type=_prob, default=0.3)
     g.add_argument("--resolution_mutate_prob", type=_prob, default=0.5)
-    g.add_argument("--max_crossover_tries", type=_pos_int, default=50)
-    g.add_argument("--max_tries", type=_pos_int, default=5000,
+    g.add_argument("--max_crossover_tries", type=positive_int, default=50)
+    g.add_argument("--max_tries", type=positive_int, default=5000,
                    help="draws per new candidate, and random draws to find the window before giving up")
     g.add_argument("--tiny", action="store_true",
                    help=f"small search for the demo (see above; also --num_calib_batches {TINY_CALIB_BATCHES})")
-    p.add_argument("--eval_top", type=_nonneg_int, default=10, help="evaluate the top N on the val split at the end")
-    p.add_argument("--random_baseline", type=_nonneg_int, default=0,
+    p.add_argument("--eval_top", type=nonneg_int, default=10, help="evaluate the top N on the val split at the end")
+    p.add_argument("--random_baseline", type=nonneg_int, default=0,
                    help="also evaluate N random in-window subnets (holdout and val) for comparison")
     p.add_argument("--resume", action="store_true", help="continue the searches of state.json")
     p.add_argument("--fresh", action="store_true", help="discard an existing state.json and start over")

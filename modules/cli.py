@@ -311,3 +311,25 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
     if isinstance(result, int) and not isinstance(result, bool):
         sys.exit(result)
     return result
+
+
+# ---------------------------------------------------------------- argparse types shared by the stage scripts
+def positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return v
+
+
+def nonneg_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = float(text)
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    return v

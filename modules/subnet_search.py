@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from modules.cli import nonneg_int, positive_int
 from modules.encoding import SubnetConfig, SupernetChoice, parse_subnet, parse_supernet
 from modules.superspace import SUBNET_STAGES
 
@@ -557,20 +558,6 @@ def load_supernet_checkpoint(path: str | os.PathLike, encoding: str | None = Non
     return net, info
 
 
-def _pos_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
-    return v
-
-
 def add_supernet_args(p: argparse.ArgumentParser) -> None:
     """--supernet / --checkpoint / --quant_mode / --data_dir / --image_size / calibration options."""
     p.add_argument("--supernet", default=None, help="supernet encoding, e.g. tiny-123450-000000 (default: read "
@@ -581,19 +568,19 @@ def add_supernet_args(p: argparse.ArgumentParser) -> None:
                    help="which default checkpoint to load (the mode itself is read from the checkpoint)")
     p.add_argument("--data_dir", default=None, help="ImageFolder root with train/ and val/ (default: the supernet "
                    "training's data: its --data_path, or the digits set in <its output_dir>/data/digits)")
-    p.add_argument("--image_size", type=_pos_int, default=None,
+    p.add_argument("--image_size", type=positive_int, default=None,
                    help="loader image size (default: the training's, else the superspace's largest resolution)")
     p.add_argument("--calib_augment", action="store_true",
                    help="BN-calibration images with the training augmentation (default: eval transforms, as "
                         "train_supernet.py validates)")
     p.add_argument("--hflip", action="store_true", help="with --calib_augment: random horizontal flips")
-    p.add_argument("--num_calib_batches", type=_pos_int, default=None,
+    p.add_argument("--num_calib_batches", type=positive_int, default=None,
                    help=f"BN calibration batches (default {DATA_DEFAULTS['num_calib_batches']})")
-    p.add_argument("--calib_batch_size", type=_pos_int, default=None,
+    p.add_argument("--calib_batch_size", type=positive_int, default=None,
                    help=f"(default {DATA_DEFAULTS['calib_batch_size']})")
-    p.add_argument("--batch_size", type=_pos_int, default=64, help="evaluation batch size")
-    p.add_argument("--workers", type=_nonneg_int, default=0)
-    p.add_argument("--holdout_size", type=_pos_int, default=None,
+    p.add_argument("--batch_size", type=positive_int, default=64, help="evaluation batch size")
+    p.add_argument("--workers", type=nonneg_int, default=0)
+    p.add_argument("--holdout_size", type=positive_int, default=None,
                    help="train images held out for the search fitness; BN calibration never uses them "
                         "(default: the supernet training's --valid_size held-out images, else min(10000, 20%% "
                         "of train))")
