@@ -87,8 +87,11 @@ def subnet_list(space: SubnetSpace, args) -> list[tuple[str, object]]:
     items = [] if args.no_maxmin else [("max", space.extreme(True)), ("min", space.extreme(False))]
     for s in args.subnets:
         cfg = resolve_subnet(space, s)
-        items.append((Path(s).stem if s.endswith(".json") else s if s in ("max", "min") else f"subnet{len(items)}",
-                      cfg))
+        if s.endswith(".json"):  # e.g. search_subnet/<supernet>/c1_d0.1/best.json -> c1_d0.1/best
+            name = f"{Path(s).parent.name}/{Path(s).stem}"
+        else:
+            name = s if s in ("max", "min") else f"subnet{len(items)}"
+        items.append((name, cfg))
     if not items:
         raise ValueError("nothing to evaluate: --no_maxmin without --subnets")
     return items

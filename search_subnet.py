@@ -108,6 +108,16 @@ def settings_from_args(args) -> SearchSettings:
                           max_crossover_tries=args.max_crossover_tries, max_tries=args.max_tries, **vals)
 
 
+def predictor_fingerprint(predictor) -> str:
+    """Type and table digest of the latency predictor: a resumed search refuses another table (its latencies,
+    hence the window, would differ)."""
+    import hashlib
+
+    path = getattr(predictor, "table_path", None)
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path and Path(path).is_file() else "-"
+    return f"{type(predictor).__name__}:{getattr(predictor, 'platform', '')}:{digest}"
+
+
 def fmt_num(x: float) -> str:
     return format(x, "g")
 
@@ -256,6 +266,7 @@ def main(args, predictor=None) -> dict:
 
     data_config = dict(data, checkpoint=str(Path(ckpt_path).resolve()), data_dir=str(Path(data_dir).resolve()),
                        image_size=image_size, holdout_size=data_info["holdout_size"])
+    run_config = dict(data_config, predictor=predictor_fingerprint(predictor))
     fitness_cache: dict[str, float] = {}
     results, outcomes, baselines = {}, [], {}
     for target in args.latency_constraint:
@@ -273,7 +284,7 @@ def main(args, predictor=None) -> dict:
         outcome = run_subnet_search(
             space, lat, evaluator, target, args.latency_delta, settings, seed=args.seed, state_path=state,
             resume=args.resume, save_interval=args.save_interval, progress=not args.no_progress,
-            config=data_config, platform=args.latency_predictor, fitness_cache=fitness_cache, log=log.info)
+            config=run_config, platform=args.latency_predictor, fitness_cache=fitness_cache, log=log.info)
         dt = time.perf_counter() - t0
         n_eval = evaluator.num_evaluations - n_eval0
         best = outcome.evo.best()
