@@ -105,7 +105,9 @@ class MobileNetV1Dual(DynamicBlock):
         return self.branch_quant(self.pw2(self.dw2(self.pw1(self.dw1(x, pre))))) + self._shortcut(x, pre)
 
     def last_bn(self):
-        return self.pw2.bn
+        # None: pw2's BN is followed by a ReLU, so a zero gamma would make the branch output 0 with zero
+        # gradient for good (the original zeroed it and killed every V1Dual residual branch)
+        return None
 
 
 class InvertedResidual(DynamicBlock):

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from modules import superspace as ss
-from modules.blocks import MobileNetV2, ResNet
+from modules.blocks import MobileNetV1Dual, MobileNetV2, ResNet
 from modules.encoding import parse_subnet, parse_supernet, validate_subnet
 from modules.lsq import get_quant_mode, quantizers, set_quant_mode
 from modules.supernet import DynamicStage, SuperNet, build_from_config, load_sliced_state_dict
@@ -332,6 +332,10 @@ def test_zero_last_gamma(space_name, index):
             if isinstance(block, MobileNetV2) and not block.force_residual:
                 assert bn is None  # plain V2 (mobilew stage0) is left unchanged
                 assert block.project.bn.weight.abs().sum() > 0
+            elif isinstance(block, MobileNetV1Dual):
+                assert bn is None  # BN -> ReLU: a zero gamma would kill the branch for good
+                assert block.pw2.bn.weight.abs().sum() > 0
+                zeroed += 1  # counted: left alive on purpose
             elif bn is not None:
                 assert torch.all(bn.weight == 0)
                 zeroed += 1
@@ -344,7 +348,8 @@ def test_zero_last_gamma(space_name, index):
     x = torch.randn(2, w, 4, 4)
     with torch.no_grad():
         out = block(x)
-    torch.testing.assert_close(out, torch.relu(x) if isinstance(block, ResNet) else x)
+    if not isinstance(block, MobileNetV1Dual):
+        torch.testing.assert_close(out, torch.relu(x) if isinstance(block, ResNet) else x)
 
 
 # --------------------------------------------------------------------------- LSQ supernet state
