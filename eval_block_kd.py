@@ -10,7 +10,7 @@ each on a fixed set of train batches, and measure its NSR against the teacher on
     torchrun --nproc_per_node 2 eval_block_kd.py --superspace tiny                 # files sharded over ranks
 
 Writes <output_dir>/lut/<superspace>/stage{X}_{B}_{W}.csv (no header, 6 fields, 4 decimals; atomic). Files
-that already hold N valid rows are skipped. Rows are reproducible: file stage{X}_{B}_{W} uses the seed
+that already hold N valid rows and are newer than their checkpoint are skipped. Rows are reproducible: file stage{X}_{B}_{W} uses the seed
 "lut-<seed>-stage{X}_{B}_{W}" and starts from the checkpoint. --fp32_mode reads checkpoint.pth instead of
 lsq.pth and writes to <output_dir>/lut/<superspace>_fp32/. Sharding: files are split over
 WORLD_SIZE (torchrun) x --workers processes; no process group is needed.

@@ -778,8 +778,9 @@ def build_lut_shard(cfg: dict, shard: int, num_shards: int, threads: int | None 
     todo, skipped = [], 0
     for x, b, w in jobs:
         path = lut_file_path(lut_dir, lut_name, x, b, w)
-        if os.path.isfile(path):
-            try:
+        ckpt = stage_dir(a.output_dir, space.name, x, b) / ckpt_name
+        if os.path.isfile(path) and not (ckpt.is_file() and ckpt.stat().st_mtime > os.path.getmtime(path)):
+            try:  # complete (N valid rows) and newer than its checkpoint: keep
                 if len(read_lut_file(path, space, x, b, w)) == a.num_samples:
                     skipped += 1
                     continue
