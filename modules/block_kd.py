@@ -765,8 +765,11 @@ def build_lut_shard(cfg: dict, shard: int, num_shards: int, threads: int | None 
     from modules.lut import format_lut_row, lut_file_path, read_lut_file, write_lut_file
     from modules.teacher import get_teacher
 
-    if threads:
+    if threads:  # a --workers process
+        import threading
+
         torch.set_num_threads(threads)
+        tqdm.set_lock(threading.RLock())  # tqdm's default lock holds a multiprocessing semaphore that leaks here
     a = argparse.Namespace(**cfg)
     space = get_superspace(a.superspace)
     stages, blocks = check_selection(space, a.stages, a.blocks)
