@@ -10,8 +10,10 @@ each on a fixed set of train batches, and measure its NSR against the teacher on
     torchrun --nproc_per_node 2 eval_block_kd.py --superspace tiny                 # files sharded over ranks
 
 Writes <output_dir>/lut/<superspace>/stage{X}_{B}_{W}.csv (no header, 6 fields, 4 decimals; atomic). Files
-that already hold N valid rows and are newer than their checkpoint are skipped. Rows are reproducible: file stage{X}_{B}_{W} uses the seed
-"lut-<seed>-stage{X}_{B}_{W}" and starts from the checkpoint. --fp32_mode reads checkpoint.pth instead of
+that already hold N valid rows and are newer than their checkpoint are skipped. Rows are reproducible
+(also across sharding): file stage{X}_{B}_{W} uses the seed "lut-<seed>-stage{X}_{B}_{W}" and starts from
+the checkpoint; resolutions are stratified (each run of len(hw_list) rows is a permutation), so every file
+with N >= len(hw_list) rows covers every resolution. --fp32_mode reads checkpoint.pth instead of
 lsq.pth and writes to <output_dir>/lut/<superspace>_fp32/. Sharding: files are split over
 WORLD_SIZE (torchrun) x --workers processes; no process group is needed.
 """
@@ -61,7 +63,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency_table_dir", default=None,
                         help="latency tables (default: the predictor's, checkpoints/latency)")
     parser.add_argument("--teacher_weights", default=None, help="as in train_block_kd.py")
-    parser.add_argument("--workers", type=int, default=1, help="local processes sharing the files (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="local processes sharing the files (default: %(default)s)")
     parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
     return parser
 

@@ -59,7 +59,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=3, help="rows per (stage, block) (default: %(default)s)")
     p.add_argument("--valid_size", type=int, default=128, help="held-out images per row (default: %(default)s)")
-    p.add_argument("--calib_batch_size", type=int, default=64, help="BN-calibration images per row (default: %(default)s)")
+    p.add_argument("--calib_batch_size", type=int, default=64,
+                   help="BN-calibration images per row (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     p.add_argument("--skip_naive", action="store_true", help="skip the recompute-the-teacher baseline")
     args = p.parse_args()

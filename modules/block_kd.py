@@ -44,7 +44,7 @@ from modules.checkpoint import (atomic_save, atomic_write_text, build_checkpoint
                                 load_state_dict_strict)
 from modules.encoding import format_substage
 from modules.engine import calibrate_bn, param_groups, warmup_cosine
-from modules.lsq import get_quant_mode, quantizers, set_quant_mode
+from modules.lsq import quantizers, set_quant_mode
 from modules.ops import DynamicConv2d
 from modules.superspace import SEARCHABLE, SuperSpace, get_superspace
 from modules.supernet import DynamicStage
@@ -468,7 +468,8 @@ def add_block_kd_args(parser: argparse.ArgumentParser, phase: str) -> argparse.A
                         help="teacher weights: EfficientNet-B5 state dict (mobilew/onnxw; default: torchvision's "
                              "cache) or a tiny-teacher checkpoint (default: <output_dir>/block_kd/teacher/tiny/"
                              "checkpoint.pth, trained on --data_dir when missing)")
-    parser.add_argument("--teacher_epochs", type=int, default=5, help="epochs of the tiny teacher (default: %(default)s)")
+    parser.add_argument("--teacher_epochs", type=int, default=5,
+                        help="epochs of the tiny teacher (default: %(default)s)")
     parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
     if not fp32:
         parser.add_argument("--quant_preset", default="ort", choices=["original", "ort", "tflite"],

@@ -12,11 +12,10 @@ import torch
 import eval_block_kd
 import lsq_block_kd
 import train_block_kd
-from modules.block_kd import (FeatureCache, StagePlusProj, check_selection, lut_resolutions, nsr_loss,
+from modules.block_kd import (StagePlusProj, check_selection, lut_resolutions, nsr_loss,
                               nsr_per_sample, stage_dir)
 from modules.checkpoint import atomic_save, load_checkpoint
 from modules.counter import count_macs
-from modules.lsq import quantizers
 from modules.lut import read_lut_file
 from modules.superspace import get_superspace
 from modules.supernet import load_sliced_state_dict

@@ -22,7 +22,8 @@ def test_efficientnet_b5_loads_a_local_state_dict(tmp_path):
     teacher = get_teacher("onnxw", teacher_weights=path, hw_list=(160,))
     assert teacher.stage_channels == {1: (24, 40), 2: (40, 64), 3: (64, 128), 4: (128, 176), 5: (176, 304),
                                       6: (304, 512)}
-    assert torch.equal(teacher.stages[3][0].block[0][0].weight, net.features[4][0].block[0][0].weight)  # stage3 = features[4]
+    # stage3 = features[4]
+    assert torch.equal(teacher.stages[3][0].block[0][0].weight, net.features[4][0].block[0][0].weight)
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
     x = torch.randn(1, 3, 160, 160)
     with torch.no_grad():
