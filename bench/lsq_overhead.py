@@ -8,15 +8,15 @@ tiny supernet in LSQ+ fake-quant mode vs fp32, in the same process. Goal: ratio 
 
 The two models hold the same weights; rounds alternate fp32 / LSQ+ so that load from other processes
 affects both alike; the median per-step time of each mode is reported. `--fused` times a third variant
-whose quantizers run a fused autograd.Function (same forward values, analytic LSQ+ gradients, far fewer
-elementwise passes) instead of the chain of autograd ops in modules/lsq.py: a measurement of what such
-an implementation would save, not used by training.
+whose fake-quant calls (modules.lsq.quantize_activation / quantize_weight) run a fused autograd.Function
+(bit-identical forward, the same LSQ+ gradients, far fewer elementwise passes) instead of the chain of
+autograd ops: a measurement of what such an implementation would save, not used by training.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
-import math
 import statistics
 import sys
 import time
@@ -158,23 +158,25 @@ def check_fused_matches_reference() -> float:
     return worst
 
 
-def use_fused(model) -> None:
-    """Route the quantizers of `model` through the fused functions (instance-level forward override)."""
-    for q in lsq.quantizers(model):
-        if isinstance(q, lsq.ActQuantizer):
-            def fwd(x, q=q):
-                if not q.initialized:
-                    q.init_from(x)
-                g = 1.0 / math.sqrt(x[0].numel() * (q.qmax - q.qmin)) if q.training else 1.0
-                return fused_activation(x, q.scale, q.offset, q.qmin, q.qmax, q.integer_zero_point, g)
-        else:
-            def fwd(w, q=q):
-                if not q.initialized:
-                    q.init_from(w)
-                scale = q.scale[: w.shape[0]] if q.per_channel else q.scale
-                g = 1.0 / math.sqrt(w.numel() // scale.numel() * q.qmax) if q.training else 1.0
-                return fused_weight(w, scale, q.qmin, q.qmax, g)
-        q.forward = fwd
+@contextlib.contextmanager
+def fused_quantizers():
+    """Route every call of modules.lsq.quantize_activation / quantize_weight (also where another module
+    imported them by name, e.g. modules.ops) through the fused functions while the context is open."""
+    originals = {"quantize_activation": lsq.quantize_activation, "quantize_weight": lsq.quantize_weight}
+    fused = {"quantize_activation": fused_activation, "quantize_weight": fused_weight}
+    patched = []
+    for mod in list(sys.modules.values()):
+        if getattr(mod, "__name__", "").split(".")[0] != "modules":
+            continue
+        for name, fn in originals.items():
+            if getattr(mod, name, None) is fn:
+                setattr(mod, name, fused[name])
+                patched.append((mod, name, fn))
+    try:
+        yield
+    finally:
+        for mod, name, fn in patched:
+            setattr(mod, name, fn)
 
 
 # ------------------------------------------------------------------ main
@@ -193,14 +195,18 @@ def main(argv=None) -> dict:
         print(f"fused vs modules.lsq: forward identical, largest relative gradient difference "
               f"{check_fused_matches_reference():.1e} (float64)")
         variants["lsq_fused"] = copy.deepcopy(quant)
-        use_fused(variants["lsq_fused"])
     trainers = {k: make_trainer(m, args) for k, m in variants.items()}
-    for t in trainers.values():  # warm-up (allocator, first-call overheads)
-        time_steps(t, batch, 1)
+
+    def timed(k, steps):
+        with fused_quantizers() if k == "lsq_fused" else contextlib.nullcontext():
+            return time_steps(trainers[k], batch, steps)
+
+    for k in trainers:  # warm-up (allocator, first-call overheads)
+        timed(k, 1)
     times = {k: [] for k in trainers}
     for _ in range(args.rounds):
-        for k, t in trainers.items():
-            times[k].append(time_steps(t, batch, args.steps))
+        for k in trainers:
+            times[k].append(timed(k, args.steps))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{args.supernet}, batch {args.batch_size}, {args.image_size} px loader crops, {args.threads} thread(s), "
           f"preset {args.preset}, {args.rounds} rounds x {args.steps} steps")
