@@ -3,7 +3,10 @@
 1. Sample `--num` random subnets of random onnxw supernets, split over `--resolutions` (default
    50 at 160 px + 50 at 224 px), plus `--num_calib` subnets for the whole-model correction and
    `--num_train` more whose blocks (with the calibration subnets' blocks) train the regression fallback.
-2. Measure every distinct block of all of them (the predictor's table, `modules.latency_predictor`).
+2. Measure every distinct block of all of them (the predictor's table, `modules.latency_predictor`);
+   with `--interleave 1` (default) batch by batch, each batch's blocks right before its whole models,
+   so that on a shared machine whose load drifts over the run (load 8 -> 3 in one run here) the table
+   and the models it predicts are measured under the same conditions, as on a dedicated device.
 3. Measure every test subnet end to end twice (two passes over all models, the second in reverse
    order, ~10 min apart), the calibration subnets once. Each measurement builds a batch of models and
    times them in `--rounds` shuffled rounds (the minimum over the rounds' runs), as the blocks are.
@@ -60,6 +63,9 @@ def get_args_parser():
     p.add_argument("--model_runs", type=int, default=8, help="timed runs per whole model and round (at least)")
     p.add_argument("--model_time", type=float, default=0.1, help="measured seconds per whole model and round")
     p.add_argument("--model_batch", type=int, default=8, help="whole models built, then timed together")
+    p.add_argument("--interleave", type=int, default=1,
+                   help="1: measure each batch's blocks right before its whole models (same machine state); "
+                        "0: all blocks first")
     p.add_argument("--exporter", default="direct", choices=("direct", "torch"), help="how whole models are built")
     p.add_argument("--torch_check", type=int, default=3, help="test models also timed via the torch export")
     p.add_argument("--ablation", type=int, default=10, help="test subnets whose blocks are also timed standalone")
@@ -128,7 +134,7 @@ def main(args):
 
     from modules.latency_predictor import (BlockRegressor, LatencyPredictor, _measure_block, block_key,
                                            fixed_block_configs, measure_config_batch, parse_block_key,
-                                           random_subnet, random_supernet, subnet_block_configs)
+                                           random_subnet, random_supernet, subnet_block_configs, time_rounds)
 
     os.makedirs(args.output_dir, exist_ok=True)
     t_start = time.time()
@@ -147,26 +153,26 @@ def main(args):
 
     test, calib, train = draw(rng_test, args.num), draw(rng_cal, args.num_calib), draw(rng_train, args.num_train)
     cfgs = {m: subnet_block_configs(*m) for m in test + calib + train}
-    # ---------------------------------------------------------------- blocks
+    # ---------------------------------------------------------------- blocks and whole models
     table = os.path.join(args.output_dir, f"{args.platform}.json")
     pred = LatencyPredictor(args.platform, table, runs=args.min_runs, min_time=args.min_time, stat="min")
     pred.mc.rounds = args.rounds
-    n_before = len(pred.table)
-    t0 = time.time()
-    fixed = fixed_block_configs(args.superspace, args.resolutions)  # build_latency_table.py measures these too
-    new = pred.build([fixed] + [cfgs[m] for m in test + calib + train], desc="blocks", progress=progress)
-    t_blocks = time.time() - t0
-    print(f"blocks: {len(pred.table)} in the table ({n_before} cached, {new} measured in {t_blocks:.0f} s, "
-          f"{t_blocks / max(new, 1):.3f} s/block); session overhead {pred.overhead_ms * 1e3:.1f} us", flush=True)
-    loads.append(os.getloadavg()[0])
-    # ---------------------------------------------------------------- whole models
-    state = State(os.path.join(args.output_dir, f"models_{args.platform}.json"))
     mc = pred.mc
-    t0 = time.time()
-    bar = tqdm(total=len(calib) + 2 * len(test), desc="whole models", disable=not progress, unit="model")
-    for tag, models in (("cal", calib), ("p1", test), ("p2", list(reversed(test)))):
+    state = State(os.path.join(args.output_dir, f"models_{args.platform}.json"))
+    n_before = len(pred.table)
+    fixed = fixed_block_configs(args.superspace, args.resolutions)  # build_latency_table.py measures these too
+    t_blocks = t_models = 0.0
+
+    def blocks_of(models):
+        nonlocal t_blocks
+        t0 = time.time()
+        pred.build([cfgs[m] for m in models], desc="blocks", progress=False)
+        t_blocks += time.time() - t0
+
+    def whole(tag, models):
+        nonlocal t_models
+        t0 = time.time()
         todo = [m for m in models if state.get(f"{tag}|{m[0]}|{m[1]}") is None]
-        bar.update(len(models) - len(todo))
         for i in range(0, len(todo), args.model_batch):
             chunk = todo[i:i + args.model_batch]
             if args.exporter == "direct":
@@ -177,18 +183,48 @@ def main(args):
                                    tmin=args.model_time * args.rounds) for m in chunk}
             for m, st in stats.items():
                 state.put(f"{tag}|{m[0]}|{m[1]}", _keep(st))
-            bar.update(len(chunk))
-    bar.close()
-    t_models = time.time() - t0
+        t_models += time.time() - t0
+
+    t0 = time.time()
+    pred.build([fixed] + [cfgs[m] for m in train], desc="blocks", progress=False)
+    t_blocks += time.time() - t0
+    steps = [("cal", calib[i:i + args.model_batch]) for i in range(0, len(calib), args.model_batch)]
+    steps += [("p1", test[i:i + args.model_batch]) for i in range(0, len(test), args.model_batch)]
+    if not args.interleave:  # all blocks first, then all whole models
+        blocks_of(calib + test)
+    for tag, chunk in tqdm(steps, desc="blocks + models", disable=not progress, unit="batch"):
+        if args.interleave:  # a batch's blocks and its whole models are measured in the same few minutes
+            blocks_of(chunk)
+        whole(tag, chunk)
     loads.append(os.getloadavg()[0])
-    # torch-exported cross-check
+    rev = list(reversed(test))
+    for i in tqdm(range(0, len(rev), args.model_batch), desc="second pass", disable=not progress, unit="batch"):
+        whole("p2", rev[i:i + args.model_batch])
+    new = len(pred.table) - n_before
+    print(f"blocks: {len(pred.table)} in the table ({n_before} cached, {new} measured in {t_blocks:.0f} s, "
+          f"{t_blocks / max(new, 1):.3f} s/block); session overhead {pred.overhead_ms * 1e3:.1f} us; whole models "
+          f"{t_models:.0f} s", flush=True)
+    loads.append(os.getloadavg()[0])
+    # torch-exported cross-check: the torch export + quantize_onnx_int8 and the directly written model,
+    # timed together
     checks = []
     for m in test[: args.torch_check]:
         key = f"torch|{m[0]}|{m[1]}"
         if state.get(key) is None:
-            st_t = _whole(cfgs[m], args.platform, mc, "torch", *m, runs=args.model_runs, tmin=args.model_time)
-            st_d = _whole(cfgs[m], args.platform, mc, "direct", *m, runs=args.model_runs, tmin=args.model_time)
-            state.put(key, {"torch": _keep(st_t), "direct": _keep(st_d)})
+            import tempfile
+
+            import torch
+
+            from modules.latency_predictor import _ort_session, _session_runner, export_subnet, subnet_model_bytes
+            from modules.supernet import build_subnet
+
+            torch.set_num_threads(1)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = export_subnet(build_subnet(*m), args.platform, tmp, mc.quant_format)
+                fns = {"torch": _session_runner(_ort_session(open(path, "rb").read(), 1)),
+                       "direct": _session_runner(_ort_session(subnet_model_bytes(cfgs[m], args.platform), 1))}
+                st = time_rounds(fns, 3, args.model_runs, mc.max_runs, args.model_time, 2, mc.clock)
+            state.put(key, {k: _keep(v) for k, v in st.items()})
         checks.append(state.get(key))
     # ablation: blocks as plain standalone quantized models
     ablation = []

@@ -2,43 +2,44 @@
 
 The latency of every distinct block configuration (block type, input size, cin, cout, kernel, expand,
 stride, activation, SE; :func:`block_key`) is *measured* on this machine as a standalone model at
-batch 1 and cached in a JSON table ``<table_dir>/<platform>.json`` (written atomically every few
-entries, so an interrupted build resumes where it stopped). A subnet's latency is the sum of its
-blocks with a small whole-model correction::
+batch 1 and cached in a JSON table ``<table_dir>/<platform>.json`` (written atomically after every
+batch of blocks, so an interrupted build resumes where it stopped). A subnet's latency is the sum of
+its blocks with a whole-model correction::
 
     predicted = a * sum_i block_i + b          (block_i: table entry, or the regression fallback)
 
-Measuring a block (ORT platforms) is cheap because no torch export and no calibration run is needed:
+Measuring a block (ORT platforms) costs ~0.1 s of CPU, because no torch export and no calibration run
+is needed:
 
 * the block's FP32 ONNX graph is written directly with ``onnx.helper`` from the block configuration
   (:func:`block_onnx`; the test suite checks it is node for node what ``torch.onnx.export`` writes
   for the torch block, after BN folding);
 * INT8 uses ONNX Runtime's own ``quantize_static`` with the settings of
   :func:`modules.export.quantize_onnx_int8` (QDQ or QOperator, uint8 activations, int8 per-channel
-  weights), but with a calibration cache of fixed ranges instead of a calibration run: scales do not
-  change which kernels run, so latency is the same;
-* the session is built from bytes, timed for a fixed time budget (median of >= ``min_runs`` runs).
+  weights), but with a calibration cache of fixed ranges instead of a calibration run (scales do not
+  change which kernels run) and per-tensor quantization widened to the per-channel form afterwards
+  (the same graph without ORT's per-channel Python loop; checked by the tests);
+* sessions are built from bytes; a batch of blocks is built, then timed together in shuffled rounds
+  (:func:`time_rounds`) on the thread's CPU time, keeping the minimum (:class:`MeasureConfig` says why).
 
 What a block measured alone pays that it does not pay inside a network, and how it is removed:
 
-* **session-call overhead** (Python -> ORT ``run``, output allocation): measured once per table on a
-  trivial model (``overhead_ms``) and subtracted from every raw block time; the whole model pays it
-  once, which the intercept ``b`` of the correction carries;
-* **Q/DQ at the block boundary** (INT8): inside a network the tensor between two blocks stays uint8
-  (``QLinearAdd -> QLinearConv``); a standalone QDQ block would quantize its float input and
-  dequantize its output. The input QuantizeLinear and output DequantizeLinear are cut from the
-  quantized block (uint8 graph input and output), except the image input of ``FirstConv`` and the
-  logits output of ``Logits``, which the whole network pays too;
-* what remains (caches cold for each block's weights in a network, cross-block scheduling) is fitted
-  by ``calibrate`` on whole subnets measured end to end: ``a`` (slope) and ``b`` (intercept), per
-  superspace.
+* **session-call overhead** (Python -> ORT ``run``): measured once per table on a trivial model
+  (``overhead_ms``) and subtracted from every raw block time; the whole model pays it once (in ``b``).
+  Blocks are run with IO binding (no per-run output allocation and copy);
+* **Q/DQ and layout changes at the block boundary** (INT8): inside a network the tensor between two
+  blocks stays uint8 and NHWC (``QLinearAdd -> QLinearConv``); a standalone QDQ block would quantize its
+  float input, dequantize its output and transpose both. The input QuantizeLinear and output
+  DequantizeLinear are cut (uint8 graph input and output, :func:`strip_boundary_qdq`) and the I/O made
+  NHWC (:func:`nhwc_boundaries`), except the image input of ``FirstConv`` and the logits output of
+  ``Logits``, which the whole network pays too;
+* what remains (the caches are cold for each block's weights in a network, ORT scheduling) is fitted by
+  ``calibrate`` on whole subnets measured end to end: ``a`` (slope) and ``b`` (intercept), per superspace.
 
-Blocks not in the table are predicted by a per-(block type, platform) non-negative least-squares
-model on analytic features (MACs of 1x1 / kxk / depthwise convs and the FC layer, tensor sizes,
-elements through float-fallback activations, op count; :func:`block_features`), fitted on the
-table's measured blocks (relative error); a global model over all block types covers types with few
-measurements. Predictions are cached per block key, so a subnet costs microseconds. Measuring in the
-hot path happens only with ``measure_missing=True``.
+Blocks not in the table are predicted by :class:`BlockRegressor` (per block type non-negative least
+squares on analytic features, :func:`block_features`, times a random-forest correction), fitted on the
+table's measured blocks. Predictions are cached per block configuration, so a subnet costs
+microseconds; measuring in the hot path happens only with ``measure_missing=True``.
 
 Platforms: ``ort_int8``, ``ort_fp32``, ``tflite_int8``, ``tflite_fp32`` (measured), ``macs``
 (MMACs / 100: a proxy for tests, not a latency), ``nn_meter`` (optional adapter; needs nn-meter and
@@ -49,6 +50,7 @@ Example::
     from modules.latency_predictor import load_predictor
     pred = load_predictor("ort_int8", "tiny", "checkpoints/latency")   # built by build_latency_table.py
     ms = pred.predict_subnet(net)           # net: a SuperNet with an active subnet, or a standalone subnet
+    ms = pred.predict_config("tiny-123450-000000", "d1#1#..._r48")      # from encodings, no network
 """
 from __future__ import annotations
 
