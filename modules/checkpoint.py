@@ -109,6 +109,8 @@ def _short(e: BaseException) -> str:
     text = str(e)
     found = re.search(r"WeightsUnpickler error:\s*([^\n]*)", text)
     first = found.group(1) if found else (text.strip().splitlines() or [""])[0]
+    # torch's zip reader appends a paragraph of advice ("This is an internal miniz error. If you are seeing ...")
+    first = re.split(r"(?<=\.)\s+(?:This is an internal|If you are seeing)", first)[0]
     return f"{type(e).__name__}: {first}".rstrip(": ")
 
 

@@ -283,15 +283,26 @@ def _one_line(e: BaseException) -> str:
     return " ".join(msg.split()) or type(e).__name__
 
 
+def _one_line_usage_errors(parser: argparse.ArgumentParser) -> None:
+    """Make ``parser.error`` (bad flag, invalid choice, missing required argument) print ONE line
+    ``error: <prog>: <message> (see <prog> --help)`` and exit 2, instead of argparse's usage block."""
+    def error(message: str):
+        parser.exit(2, f"error: {parser.prog}: {' '.join(message.split())} (see {parser.prog} --help)\n")
+
+    parser.error = error  # type: ignore[method-assign]
+
+
 def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
              argv: Sequence[str] | None = None) -> Any:
     """Parse arguments (with ``-c`` config) and run ``main(args)``.
 
     ValueError / FileNotFoundError → ``error: <message>`` on stderr, exit code 2; KeyboardInterrupt → exit 130.
+    Command-line errors (unknown flag, invalid choice, ...) are one ``error:`` line with exit code 2 as well.
     Tracebacks only with ``--debug``. An int returned by ``main`` becomes the exit code.
     """
     if not _has_option(parser, "--debug"):
         parser.add_argument("--debug", action="store_true", help="print full tracebacks on errors")
+    _one_line_usage_errors(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:

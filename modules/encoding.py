@@ -44,13 +44,19 @@ def parse_supernet(text: str) -> SupernetChoice:
     if len(parts) not in (2, 3):
         raise ValueError(f"supernet encoding {text!r}: expected <superspace>-<6 block digits>[-<6 window digits>], "
                          "e.g. onnxw-151122-023231")
-    space = get_superspace(parts[0])
+    try:
+        space = get_superspace(parts[0])
+    except ValueError as e:
+        raise ValueError(f"supernet encoding {text!r}: {e}") from None
     groups = parts[1:] if len(parts) == 3 else [parts[1], "0" * 6]
     for what, g in zip(("block", "window"), groups):
         if len(g) != 6 or not g.isdigit():
             raise ValueError(f"supernet encoding {text!r}: {what} group {g!r} must be 6 digits (stage1..6)")
     blocks, windows = (tuple(int(c) for c in g) for g in groups)
-    space.check_choice(blocks, windows)
+    try:
+        space.check_choice(blocks, windows)
+    except ValueError as e:
+        raise ValueError(f"supernet encoding {text!r}: {e}") from None
     return SupernetChoice(space.name, blocks, windows)
 
 
