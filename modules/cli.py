@@ -22,8 +22,10 @@ import difflib
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -283,6 +285,17 @@ def _one_line(e: BaseException) -> str:
     return " ".join(msg.split()) or type(e).__name__
 
 
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM while :func:`run_main` runs a script (unless the script handles
+    SIGTERM itself, as the training loops do): like Ctrl-C, ``finally`` / ``with`` blocks run on the way out
+    (temp files removed, worker pools terminated, the evolution searches' state saved); exit code 143."""
+
+
+def _raise_terminated(signum, frame):
+    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM kills at once
+    raise Terminated()
+
+
 def _one_line_usage_errors(parser: argparse.ArgumentParser) -> None:
     """Make ``parser.error`` (bad flag, invalid choice, missing required argument) print ONE line
     ``error: <prog>: <message> (see <prog> --help)`` and exit 2, instead of argparse's usage block."""
@@ -298,17 +311,26 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
 
     ValueError / FileNotFoundError → ``error: <message>`` on stderr, exit code 2; KeyboardInterrupt → exit 130.
     Command-line errors (unknown flag, invalid choice, ...) are one ``error:`` line with exit code 2 as well.
-    Tracebacks only with ``--debug``. An int returned by ``main`` becomes the exit code.
+    SIGTERM raises :class:`Terminated` in the main thread (cleanup runs) → ``error: terminated (SIGTERM)``,
+    exit code 143. Tracebacks only with ``--debug``. An int returned by ``main`` becomes the exit code.
     """
     if not _has_option(parser, "--debug"):
         parser.add_argument("--debug", action="store_true", help="print full tracebacks on errors")
     _one_line_usage_errors(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    installed, old_term = threading.current_thread() is threading.main_thread(), None
+    if installed:
+        old_term = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         args = parse_args_with_config(parser, argv)
         debug = bool(getattr(args, "debug", debug))
         result = main(args)
+    except Terminated:
+        if debug:
+            traceback.print_exc()
+        print("error: terminated (SIGTERM)", file=sys.stderr)
+        sys.exit(143)
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
@@ -319,6 +341,9 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
             traceback.print_exc()
         print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if old_term is None else old_term)
     if isinstance(result, int) and not isinstance(result, bool):
         sys.exit(result)
     return result

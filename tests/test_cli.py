@@ -133,6 +133,34 @@ def test_run_main_errors(capsys):
     assert run_main(lambda args: {"ok": args.lr}, _parser(), ["--lr", "2"]) == {"ok": 2.0}
 
 
+def test_run_main_usage_errors_and_sigterm_are_one_line(capsys, tmp_path):
+    import os
+    import signal
+
+    with pytest.raises(SystemExit) as info:
+        run_main(lambda args: None, _parser(), ["--platform", "gpu"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: t: argument --platform: invalid choice: 'gpu'")
+
+    before = signal.getsignal(signal.SIGTERM)
+    done = tmp_path / "cleanup-ran"
+
+    def terminated(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.pthread_sigmask(signal.SIG_BLOCK, [])  # a bytecode boundary for the handler to run at
+            raise AssertionError("SIGTERM did not interrupt main")
+        finally:
+            done.write_text("yes")
+
+    with pytest.raises(SystemExit) as info:
+        run_main(terminated, _parser(), [])
+    assert info.value.code == 143 and done.read_text() == "yes"
+    assert capsys.readouterr().err == "error: terminated (SIGTERM)\n"
+    assert signal.getsignal(signal.SIGTERM) == before  # restored
+
+
 def test_prepare_data_script_and_error_exit(tmp_path):
     out = subprocess.run([sys.executable, str(REPO_ROOT / "prepare_data.py"), "--data_dir", str(tmp_path / "d"),
                           "--size", "8"], capture_output=True, text=True, cwd=tmp_path)
