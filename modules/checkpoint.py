@@ -101,8 +101,22 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         raise ValueError(f"checkpoint {path} is corrupted or truncated ({_short(e)}); "
                          "delete it or restore a backup") from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as e:
-        raise ValueError(f"checkpoint {path} is corrupted or truncated ({_short(e)}); "
+        raise ValueError(f"checkpoint {path} is corrupted or truncated ({_why(path, e)}); "
                          "delete it or restore a backup") from e
+
+
+def _why(path: Path, e: BaseException) -> str:
+    """The cause of a failed load; a file that is not even a zip archive says so (torch's own error for it,
+    e.g. "pop from empty list", says nothing)."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # a (maybe damaged) zip archive starts so, as torch.save writes
+                return f"not a torch zip archive: {_short(e)}"
+    except OSError:
+        pass
+    return _short(e)
 
 
 def _short(e: BaseException) -> str:

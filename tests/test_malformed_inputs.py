@@ -143,7 +143,7 @@ CASES = [
          f"checkpoint {_TRUNC_CKPT} is corrupted or truncated", sub=True),
     Case("checkpoint: not a torch file", "train_block_kd.py",
          (*_BLOCK_KD, "--data_dir", "{fx}/small", "--teacher_weights", "{fx}/garbage.pth"),
-         "checkpoint {fx}/garbage.pth is corrupted or truncated"),
+         "checkpoint {fx}/garbage.pth is corrupted or truncated (not a torch zip archive"),
     Case("checkpoint: objects weights_only refuses", "export_subnet.py",
          (*_EXPORT, "--checkpoint", "{fx}/unsafe.pth", "--subnet", "max"),
          "checkpoint {fx}/unsafe.pth holds objects that torch.load(weights_only=True) refuses (datetime.datetime)"),
