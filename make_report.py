@@ -67,6 +67,7 @@ def lut_scatter(out: Path, superspace: str) -> str:
         ax.set_title(f"stage{stage}")
         ax.set_xlabel("predicted latency (ms)")
         ax.set_ylabel("NSR (int8, lower is better)")
+        ax.set_yscale("log")  # a few barely trained sub-stages have NSR 10x the median
     axes[0][0].legend(fontsize=7, markerscale=3)
     fig.suptitle(f"Block LUT of `{superspace}`: NSR vs latency of sampled sub-stages")
     fig.tight_layout()
@@ -82,7 +83,23 @@ def lut_scatter(out: Path, superspace: str) -> str:
         if nsr:
             rows.append({"block": f"{b} {cand.name}", "rows": len(nsr), "median NSR": f"{nsr[len(nsr) // 2]:.4f}",
                          "median latency ms": f"{lat[len(lat) // 2]:.4f}"})
-    return (f"{lut.num_rows} rows in {len(lut.tables)} files.\n\n![LUT]({_rel(png, out)})\n\n" + _md_table(rows))
+    rhos = [_spearman(t.mparams, -t.nsr) for t in lut.tables.values() if len(t.nsr) > 2]
+    rhos = [r for r in rhos if r == r]  # files whose rows all have the same size give nan
+    rank = ""
+    if rhos:
+        rank = (f"Do bigger sub-stages quantize better? Spearman(Mparams, -NSR) within a file: mean "
+                f"{sum(rhos) / len(rhos):+.2f}, > 0 in {sum(r > 0 for r in rhos)} of {len(rhos)} files "
+                "(a short block KD leaves it near 0).\n\n")
+    return f"{lut.num_rows} rows in {len(lut.tables)} files.\n\n![LUT]({_rel(png, out)})\n\n" + rank + _md_table(rows)
+
+
+def _spearman(a, b) -> float:
+    import numpy as np
+
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def section(title: str, body_fn, hint: str) -> str:
@@ -117,7 +134,8 @@ def build_report(out: Path, superspace: str) -> str:
         run = runs[-1].parent
         best = yaml.safe_load((run / "result.yaml").read_text())
         rows = _csv_rows(run / "ranked.csv")[:5]
-        return (f"Constraints: {state.get('space_constraints', '?')} ms. Chosen space: **`{best.get('best')}`**.\n\n"
+        return (f"Constraints: {state.get('space_constraints', '?')} ms. "
+                f"Chosen space: **`{best['best']['supernet']}`**.\n\n"
                 f"![score]({_rel(run / 'score.png', out)})\n\nTop 5:\n\n" + _md_table(rows))
 
     parts.append(section("Space search", space, "search_block_kd.py"))
@@ -139,20 +157,55 @@ def build_report(out: Path, superspace: str) -> str:
 
     def subnets():
         enc = state.get("supernet")
-        runs = sorted((out / "search_subnet" / str(enc)).glob("c*_d*"))
+        runs = sorted((out / "search_subnet" / str(enc)).glob("c*_d*"), key=lambda d: json.loads(
+            (d / "best.json").read_text())["target_ms"] if (d / "best.json").is_file() else 0.0)
         if not runs:
             raise FileNotFoundError("no search_subnet runs")
-        text = ""
+        measured = {}  # subnet -> ms measured the way the predictor's table was measured (deploy stage)
+        check = out / "deploy" / "latency_check.csv"
+        if check.is_file():
+            for r in _csv_rows(check):
+                col = next((c for c in r if c.startswith("meas_")), None)
+                if col and r.get("subnet"):
+                    measured[r["subnet"]] = float(r[col])
+        rows, plots = [], ""
         for run in runs:
-            text += f"### {run.name}\n\n"
-            for name in ("summary.yaml", "best.json"):
-                if (run / name).is_file():
-                    text += f"`{name}`:\n\n```\n{(run / name).read_text().strip()}\n```\n\n"
+            if not (run / "best.json").is_file():
+                continue
+            b = json.loads((run / "best.json").read_text())
+            lo, hi = b["window_ms"]
+            val = b.get("top_val", [{}])[0].get("val_top1")
+            ms = measured.get(b["subnet"])
+            rows.append({
+                "target ms": b["target_ms"], "window ms": f"[{lo:g}, {hi:g}]", "evaluated": b["evaluated"],
+                "predicted ms": f"{b['latency_ms']:.3f}",
+                "measured ms": "" if ms is None else f"{ms:.3f}",
+                "in window +-10 %": "" if ms is None else ("yes" if 0.9 * lo <= ms <= 1.1 * hi else "NO"),
+                "held-out top-1": b["fitness"], "val top-1": "" if val is None else f"{val:.2f}",
+                "random median val top-1": "" if b.get("random_baseline_val_median") is None
+                else f"{b['random_baseline_val_median']:.2f}",
+                "subnet": f"`{b['subnet']}`"})
             if (run / "pareto.png").is_file():
-                text += f"![pareto]({_rel(run / 'pareto.png', out)})\n\n"
-        return text
+                plots += f"![{run.name}]({_rel(run / 'pareto.png', out)})\n"
+        return (f"Supernet `{enc}`, platform {b['platform']}. Best subnet per target (fitness: held-out train "
+                "images; val: the untouched val split), against the median of random subnets in the same window; "
+                "measured latency from the deploy stage (`eval_supernet.py --mode lat --measure`).\n\n"
+                + _md_table(rows) + "\n" + plots)
 
     parts.append(section("Subnet search", subnets, "search_subnet.py"))
+
+    def deployed():
+        text = ""
+        for name, title in (("onnx_latency.csv", "ONNX Runtime"), ("tflite_latency.csv", "LiteRT (XNNPACK)")):
+            path = out / "deploy" / name
+            if not path.is_file():
+                raise FileNotFoundError(path)
+            cols = ["name", "fp32_median_ms", "int8_median_ms", "speedup", "threads"]
+            text += f"**{title}**, the exported files with the learned LSQ+ scales:\n\n" + _md_table(
+                _csv_rows(path), cols) + "\n"
+        return text
+
+    parts.append(section("Deployed subnets: FP32 vs INT8 latency", deployed, "run_demo.py --only deploy"))
 
     def blocks():
         csv_path = out / "reports" / "block_report.csv"
