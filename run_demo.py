@@ -153,6 +153,11 @@ class Demo:
     def subnet_search(self):
         from modules.supernet import supernet_from_encoding
 
+        # Measure the blocks of the chosen space's subnets too (the table so far holds random spaces' blocks)
+        # and fit the whole-model correction on its subnets, so that the search predicts from measurements.
+        self.run("build_latency_table.py", "--superspace", SUPERSPACE, "--platform", self.args.platform,
+                 "--supernet", self.state()["supernet"], "--num_subnets", 4, "--num_calib", 10,
+                 "--output_dir", self.out, "--no_progress")
         net = supernet_from_encoding(self.state()["supernet"])
         pred = self.predictor()
         net.set_min_subnet()
