@@ -4,15 +4,19 @@ tiny supernet in LSQ+ fake-quant mode vs fp32, in the same process. Goal: ratio 
     python -m bench.lsq_overhead                        # tiny-151122-000000, batch 32, 64 px
     python -m bench.lsq_overhead --supernet tiny-000000-000000 --steps 10 --rounds 5 --threads 2
     python -m bench.lsq_overhead --profile              # + top ops of an LSQ+ step by self CPU time
+    python -m bench.lsq_overhead --reference            # + a step with the reference chains of autograd ops
     python -m bench.lsq_overhead --fused                # + a step with fused LSQ+ autograd functions
     python -m bench.lsq_overhead --fused compiled       # ... whose elementwise kernels are torch.compile'd
 
 The two models hold the same weights; rounds alternate fp32 / LSQ+ so that load from other processes
-affects both alike; the median per-step time of each mode is reported. `--fused` times a third variant
-whose fake-quant calls (modules.lsq.quantize_activation / quantize_weight) run a fused autograd.Function
-(bit-identical forward, the same LSQ+ gradients, far fewer elementwise passes) instead of the chain of
-autograd ops: a measurement of what such an implementation would save, not used by training. With
-`--fused compiled` those kernels go through torch.compile (inductor; needs a C++ compiler, compiles once).
+affects both alike, and each mode trains the same subnets in the same round (the step number seeds them).
+Reported: the median per-step time of each mode (wall clock, and CPU time of this process) and the ratio
+of the medians; "paired" is the median over rounds of the round's LSQ+ / fp32 ratio, the estimate least
+moved by load from other processes and by the subnets' different sizes. LSQ+ is what training runs: the fused
+autograd nodes of modules.lsq.quantize_activation / quantize_weight. `--reference` also times their
+definition, the chains of autograd ops quantize_activation_reference / quantize_weight_reference (what
+training ran before). `--fused` times another fused variant (this file's autograd.Functions); with
+`--fused compiled` its kernels go through torch.compile (inductor; needs a C++ compiler, compiles once).
 """
 from __future__ import annotations
 
@@ -40,11 +44,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--supernet", default="tiny-151122-000000")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--image_size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per round and mode")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per round and mode")
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--preset", default="ort", choices=list(lsq.PRESETS))
     p.add_argument("--profile", action="store_true", help="print the top ops of an LSQ+ step")
+    p.add_argument("--reference", action="store_true",
+                   help="also time the reference chains of autograd ops (modules.lsq.*_reference)")
     p.add_argument("--fused", nargs="?", const="eager", choices=["eager", "compiled"], default=None,
                    help="also time fused LSQ+ autograd functions (their elementwise kernels eager or torch.compile'd)")
     return p
@@ -62,11 +68,16 @@ def make_trainer(model, args):
 
 
 def time_steps(trainer, batch, steps: int) -> float:
+    return time_steps_cpu(trainer, batch, steps)[0]
+
+
+def time_steps_cpu(trainer, batch, steps: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) per step."""
     images, labels = batch
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         trainer.train_step(images, labels, False)
-    return (time.perf_counter() - t0) / steps
+    return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
 
 
 # ------------------------------------------------------------------ fused variant (measurement only)
@@ -186,11 +197,12 @@ def check_fused_matches_reference() -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def fused_quantizers():
+def fused_quantizers(fused=None):
     """Route every call of modules.lsq.quantize_activation / quantize_weight (also where another module
-    imported them by name, e.g. modules.ops) through the fused functions while the context is open."""
+    imported them by name, e.g. modules.ops) through this file's fused functions (or `fused`, a dict of
+    replacements) while the context is open."""
     originals = {"quantize_activation": lsq.quantize_activation, "quantize_weight": lsq.quantize_weight}
-    fused = {"quantize_activation": fused_activation, "quantize_weight": fused_weight}
+    fused = fused or {"quantize_activation": fused_activation, "quantize_weight": fused_weight}
     patched = []
     for mod in list(sys.modules.values()):
         if getattr(mod, "__name__", "").split(".")[0] != "modules":
@@ -225,29 +237,46 @@ def main(argv=None) -> dict:
         print(f"fused ({args.fused}) vs modules.lsq, float64: largest forward difference {fwd:.1e}, "
               f"largest relative gradient difference {grad:.1e}")
         variants["lsq_fused"] = copy.deepcopy(quant)
+    if args.reference:
+        variants["lsq_ref"] = copy.deepcopy(quant)
     trainers = {k: make_trainer(m, args) for k, m in variants.items()}
+    reference = {"quantize_activation": lsq.quantize_activation_reference,
+                 "quantize_weight": lsq.quantize_weight_reference}
 
     def timed(k, steps):
-        with fused_quantizers() if k == "lsq_fused" else contextlib.nullcontext():
-            return time_steps(trainers[k], batch, steps)
+        ctx = fused_quantizers() if k == "lsq_fused" else fused_quantizers(reference) if k == "lsq_ref" else \
+            contextlib.nullcontext()
+        with ctx:
+            return time_steps_cpu(trainers[k], batch, steps)
 
     for k in trainers:  # warm-up (allocator, first-call overheads)
         timed(k, 1)
     times = {k: [] for k in trainers}
+    cpu = {k: [] for k in trainers}
     for _ in range(args.rounds):
         for k in trainers:
-            times[k].append(timed(k, args.steps))
+            wall, c = timed(k, args.steps)
+            times[k].append(wall)
+            cpu[k].append(c)
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     print(f"{args.supernet}, batch {args.batch_size}, {args.image_size} px loader crops, {args.threads} thread(s), "
           f"preset {args.preset}, {args.rounds} rounds x {args.steps} steps")
     for k, v in med.items():
-        print(f"  {k:10s} {v * 1000:8.1f} ms/step   (rounds: {', '.join(f'{x * 1000:.0f}' for x in times[k])})")
-    ratio = med["lsq"] / med["fp32"]
-    print(f"LSQ+ / fp32 step time: {ratio:.2f}x (goal <= 1.5x)")
-    out = {"fp32_ms": med["fp32"] * 1000, "lsq_ms": med["lsq"] * 1000, "ratio": ratio}
-    if "lsq_fused" in med:
-        out["fused_ratio"] = med["lsq_fused"] / med["fp32"]
-        print(f"fused ({args.fused}) LSQ+ / fp32 step time: {out['fused_ratio']:.2f}x")
+        print(f"  {k:10s} {v * 1000:8.1f} ms/step   (rounds: {', '.join(f'{x * 1000:.0f}' for x in times[k])})"
+              f"   CPU {med_cpu[k] * 1000:8.1f} ms/step")
+    out = {"fp32_ms": med["fp32"] * 1000, "lsq_ms": med["lsq"] * 1000}
+    for k, name in (("lsq", "LSQ+"), ("lsq_ref", "reference chains"), ("lsq_fused", f"bench-fused ({args.fused})")):
+        if k not in med:
+            continue
+        prefix = "" if k == "lsq" else k + "_"
+        out[prefix + "ratio"] = med[k] / med["fp32"]
+        out[prefix + "cpu_ratio"] = med_cpu[k] / med_cpu["fp32"]
+        out[prefix + "paired_ratio"] = statistics.median(a / b for a, b in zip(times[k], times["fp32"]))
+        out[prefix + "paired_cpu_ratio"] = statistics.median(a / b for a, b in zip(cpu[k], cpu["fp32"]))
+        print(f"{name} / fp32 step time: {out[prefix + 'ratio']:.2f}x, paired {out[prefix + 'paired_ratio']:.2f}x; "
+              f"CPU time: {out[prefix + 'cpu_ratio']:.2f}x, paired {out[prefix + 'paired_cpu_ratio']:.2f}x"
+              + (" (goal <= 1.5x)" if k == "lsq" else ""))
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -22,11 +22,16 @@ Presets (what the fake-quant simulates):
 
 Fixes against the original (spec §13.1): the weight scale starts at max|W|/127 (the original's
 max|W|/255 clipped half the range); the root module is switched too; scales have a floor.
+
+`quantize_activation_reference` / `quantize_weight_reference` define the fake-quant as chains of autograd ops;
+training runs `quantize_activation` / `quantize_weight`: one autograd node each, the same values bit for bit
+and the same straight-through gradients, in about half the time (issue 7: LSQ+ step <= 1.5x fp32).
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -48,8 +53,10 @@ def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
     return (x - x * g).detach() + x * g
 
 
-def quantize_activation(x, scale, offset, qmin: int, qmax: int, integer_zero_point: bool, g: float = 1.0):
-    """LSQ+ activation fake-quant: round(clamp((x - offset) / s, qmin', qmax')) * s + offset."""
+def quantize_activation_reference(x, scale, offset, qmin: int, qmax: int, integer_zero_point: bool,
+                                  g: float = 1.0):
+    """LSQ+ activation fake-quant as a chain of autograd ops (the definition; `quantize_activation` computes
+    the same values and gradients in one autograd node): round(clamp((x - offset) / s, qmin', qmax')) * s + offset."""
     s = grad_scale(scale.abs().clamp_min(SCALE_FLOOR), g)
     beta = grad_scale(offset, g)
     levels = qmax - qmin
@@ -60,12 +67,182 @@ def quantize_activation(x, scale, offset, qmin: int, qmax: int, integer_zero_poi
     return round_ste(torch.clamp((x - beta) / s, 0, levels)) * s + beta
 
 
-def quantize_weight(w, scale, qmin: int, qmax: int, g: float = 1.0):
-    """Symmetric weight fake-quant; scale has shape [1] (per tensor) or [Cout] (per channel)."""
+def quantize_weight_reference(w, scale, qmin: int, qmax: int, g: float = 1.0):
+    """Symmetric weight fake-quant as a chain of autograd ops (the definition of `quantize_weight`)."""
     s = grad_scale(scale.abs().clamp_min(SCALE_FLOOR), g)
     if s.numel() > 1:
         s = s.view(-1, *([1] * (w.dim() - 1)))
     return round_ste(torch.clamp(w / s, qmin, qmax)) * s
+
+
+# ------------------------------------------------------------------ fused autograd nodes (the training hot path)
+# The reference chains above record ~25 autograd nodes per call, half of them on 1-element tensors, and about
+# 20 full passes over the activation in forward + backward, several through bool masks (slow on the CPU): LSQ+
+# training steps took ~2x the fp32 time (bench/lsq_overhead.py --reference). The nodes below compute
+# bit-identical outputs (same ops in the same order) and the same straight-through gradients in closed form,
+# with 0/1 float masks, ~14 passes, and the per-tensor scalars on the host (tests/test_lsq.py checks them
+# against the reference chains). With clamp's gradient mask `inside` (lo < t < hi) and
+# e = out - x inside, e = out where clipped:
+#   d out/d s = e / s (offset held fixed at beta: minus beta / s where clipped); d out/d beta = 1 where clipped;
+#   the integer zero point zp = round_ste(clamp(z, 0, levels)), z = -beta0 / s, adds the chain through zp.
+def _grad_scale_value(v: torch.Tensor, g: float) -> torch.Tensor:
+    """The value grad_scale(v, g) produces (not always bit-equal to v)."""
+    return v if g == 1.0 else (v - v * g) + v * g
+
+
+def _scale_grad(d_s: torch.Tensor, scale: torch.Tensor, g: float) -> torch.Tensor:
+    """Gradient of the learned `scale` given d/ds of s = grad_scale(|scale|.clamp_min(SCALE_FLOOR), g)."""
+    a = scale.abs()
+    return (d_s * g * torch.sgn(scale) * (a > SCALE_FLOOR).to(scale.dtype)).reshape(scale.shape)
+
+
+def _open_interval(t: torch.Tensor, lo, hi) -> torch.Tensor:
+    """lo < t < hi: where torch.clamp(t, lo, hi) passes the gradient (its backward excludes both bounds)."""
+    return (t > lo).logical_and_(t < hi)
+
+
+def _inside_mask(t: torch.Tensor, lo, hi, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """_open_interval as 0/1 in t's dtype, the comparisons written straight to it: on CPU, bool tensors (and
+    torch.where / multiplications by them) take several times as long as float ones. `scratch`: a buffer
+    like t to use for the second comparison (fewer fresh allocations: each costs page faults on the CPU)."""
+    m = torch.gt(t, lo, out=torch.empty_like(t))
+    return m.mul_(torch.lt(t, hi, out=torch.empty_like(t) if scratch is None else scratch))
+
+
+def _act_qparams_host(scale, offset, levels: int, integer_zero_point: bool, g: float):
+    """(s, beta0, beta, z) of quantize_activation_reference as Python floats, computed in float32 arithmetic
+    (numpy scalars: bit-identical to torch's float32 ops on 1-element tensors, without a dozen tiny tensor ops)."""
+    f32 = np.float32
+    s = max(abs(f32(scale.item())), f32(SCALE_FLOOR))
+    beta0 = f32(offset.item())
+    if g != 1.0:
+        g32 = f32(g)
+        s = (s - s * g32) + s * g32
+        beta0 = (beta0 - beta0 * g32) + beta0 * g32
+    beta, z = beta0, None
+    if integer_zero_point:
+        z = -beta0 / s
+        beta = -f32(np.round(np.clip(z, 0, levels))) * s
+    return float(s), float(beta0), float(beta), (None if z is None else float(z))
+
+
+class _ActFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, offset, levels: int, integer_zero_point: bool, g: float):
+        # float32 per-tensor quantizer on the CPU: its scalars stay on the host (no device syncs involved there)
+        ctx.host = host = (x.device.type == "cpu" and x.dtype == scale.dtype == offset.dtype == torch.float32
+                           and scale.numel() == 1 and offset.numel() == 1)
+        if host:
+            s, beta0, beta, z = _act_qparams_host(scale, offset, levels, integer_zero_point, g)
+        else:
+            s = _grad_scale_value(scale.abs().clamp_min(SCALE_FLOOR), g)
+            beta0 = _grad_scale_value(offset, g)
+            beta, z = beta0, None
+            if integer_zero_point:
+                z = -beta0 / s
+                beta = -torch.clamp(z, 0, levels).round() * s
+        t = torch.sub(x, beta).div_(s)  # = (x - beta) / s
+        grads = any(ctx.needs_input_grad[:3])
+        e = torch.empty_like(t) if any(ctx.needs_input_grad[1:3]) else None
+        inside = _inside_mask(t, 0, levels, e) if grads else None
+        out = t.clamp_(0, levels).round_().mul_(s).add_(beta)
+        if grads:
+            if e is not None:
+                torch.addcmul(out, x, inside, value=-1, out=e)
+            if host:
+                ctx.save_for_backward(inside, e)
+                ctx.qparams = (float(scale.item()), s, beta, beta0, z, scale.shape, offset.shape)
+            else:
+                ctx.save_for_backward(inside, e, scale, s, beta, beta0, z)
+        ctx.levels, ctx.izp, ctx.g = levels, integer_zero_point, g
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.host:
+            inside, e = ctx.saved_tensors
+        else:
+            inside, e, scale, s, beta, beta0, z = ctx.saved_tensors
+        gx = grad * inside
+        d_scale = d_offset = None
+        if e is not None:
+            ge = torch.dot(grad.reshape(-1), e.reshape(-1))
+            clipped = (grad - gx).sum()  # d out/d beta summed (grad - grad * 1 is exactly 0 inside)
+            if ctx.host:
+                scale_value, s, beta, beta0, z, scale_shape, offset_shape = ctx.qparams
+                ge, clipped = ge.item(), clipped.item()
+                cz = 1.0 if ctx.izp and 0 < z < ctx.levels else 0.0  # where clamp(z, 0, levels) passes gradient
+            elif ctx.izp:
+                cz = _open_interval(z, 0, ctx.levels).to(s.dtype)
+            if ctx.izp:
+                d_s = ge / s - cz * clipped * beta0 / s
+                d_beta0 = cz * clipped
+            else:
+                d_s = (ge - beta * clipped) / s
+                d_beta0 = clipped
+            if ctx.host:
+                live = abs(np.float32(scale_value)) > np.float32(SCALE_FLOOR)  # clamp_min passes gradient
+                sign = (scale_value > 0) - (scale_value < 0)
+                d_scale = grad.new_full(scale_shape, d_s * ctx.g * sign * live) if ctx.needs_input_grad[1] else None
+                d_offset = grad.new_full(offset_shape, d_beta0 * ctx.g) if ctx.needs_input_grad[2] else None
+            else:
+                d_scale = _scale_grad(d_s, scale, ctx.g)
+                d_offset = (d_beta0 * ctx.g).reshape(beta0.shape)
+        return (gx if ctx.needs_input_grad[0] else None), d_scale, d_offset, None, None, None
+
+
+class _WeightFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, scale, qmin: int, qmax: int, g: float):
+        s = _grad_scale_value(scale.abs().clamp_min(SCALE_FLOOR), g)
+        if s.numel() > 1:
+            s = s.view(-1, *([1] * (w.dim() - 1)))
+        t = w / s
+        grads = any(ctx.needs_input_grad[:2])
+        e = torch.empty_like(t) if ctx.needs_input_grad[1] else None
+        inside = _inside_mask(t, qmin, qmax, e) if grads else None
+        out = t.clamp_(qmin, qmax).round_().mul_(s)
+        if grads:
+            if e is not None:
+                torch.addcmul(out, w, inside, value=-1, out=e)
+            ctx.save_for_backward(inside, e, scale, s)
+        ctx.g = g
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        inside, e, scale, s = ctx.saved_tensors
+        d_scale = None
+        if e is not None:
+            if scale.numel() > 1:
+                d_s = (grad * e).reshape(grad.shape[0], -1).sum(1) / s.reshape(-1)
+            else:
+                d_s = torch.dot(grad.reshape(-1), e.reshape(-1)) / s
+            d_scale = _scale_grad(d_s, scale, ctx.g)
+        gw = grad * inside if ctx.needs_input_grad[0] else None
+        return gw, d_scale, None, None, None
+
+
+def _fused_ok() -> bool:
+    """False while tracing / scripting / compiling (exporters see the plain reference ops)."""
+    return not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling())
+
+
+def quantize_activation(x, scale, offset, qmin: int, qmax: int, integer_zero_point: bool, g: float = 1.0):
+    """LSQ+ activation fake-quant: round(clamp((x - offset) / s, qmin', qmax')) * s + offset.
+
+    `integer_zero_point`: the offset is snapped to the integer grid, zp = round(clamp(-offset/s, 0, levels)),
+    with straight-through gradients. `g` scales the gradients of scale and offset (LSQ), not the values."""
+    if not _fused_ok():
+        return quantize_activation_reference(x, scale, offset, qmin, qmax, integer_zero_point, g)
+    return _ActFakeQuant.apply(x, scale, offset, qmax - qmin, integer_zero_point, g)
+
+
+def quantize_weight(w, scale, qmin: int, qmax: int, g: float = 1.0):
+    """Symmetric weight fake-quant; scale has shape [1] (per tensor) or [Cout] (per channel)."""
+    if not _fused_ok():
+        return quantize_weight_reference(w, scale, qmin, qmax, g)
+    return _WeightFakeQuant.apply(w, scale, qmin, qmax, g)
 
 
 def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
@@ -127,7 +304,7 @@ class ActQuantizer(_Quantizer):
             return x
         if not self.initialized:
             self.init_from(x)
-        g = 1.0 / math.sqrt(x[0].numel() * (self.qmax - self.qmin)) if self.training else 1.0
+        g = 1.0 / math.sqrt(x.numel() // x.shape[0] * (self.qmax - self.qmin)) if self.training else 1.0
         scale, offset = self._constrained()
         return quantize_activation(x, scale, offset, self.qmin, self.qmax, self.integer_zero_point, g)
 

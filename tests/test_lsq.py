@@ -193,8 +193,11 @@ class _FrozenRound:
         self.replay, self.i = True, 0
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("which", ["weight", "act_offset", "act_integer_zp"])
-def test_gradients_match_finite_differences_of_ste_surrogate(which, monkeypatch):
+def test_gradients_match_finite_differences_of_ste_surrogate(which, fused, monkeypatch):
+    """Autograd (the fused nodes training uses, or the reference chains) vs central differences of the
+    reference chain with its roundings frozen."""
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(2, 3, 3, 3, generator=gen, dtype=torch.float64)
     upstream = torch.randn(x.shape, generator=gen, dtype=torch.float64)
@@ -202,15 +205,16 @@ def test_gradients_match_finite_differences_of_ste_surrogate(which, monkeypatch)
     params = {"scale": torch.tensor([0.006 if which == "weight" else 0.012], dtype=torch.float64),
               "offset": torch.tensor([-1.1], dtype=torch.float64)}
 
-    def f(p):
+    def f(p, reference=True):
+        qw, qa = (lsq.quantize_weight_reference, lsq.quantize_activation_reference) if reference else \
+            (quantize_weight, quantize_activation)
         if which == "weight":
-            return (quantize_weight(x, p["scale"], -128, 127, g) * upstream).sum()
-        return (quantize_activation(x, p["scale"], p["offset"], 0, 255, which == "act_integer_zp", g)
-                * upstream).sum()
+            return (qw(x, p["scale"], -128, 127, g) * upstream).sum()
+        return (qa(x, p["scale"], p["offset"], 0, 255, which == "act_integer_zp", g) * upstream).sum()
 
     # autograd at the base point (true round_ste)
     leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    value = f(leaves)
+    value = f(leaves, reference=not fused)
     value.backward()
     names = ["scale"] if which == "weight" else ["scale", "offset"]
     frozen = _FrozenRound()
@@ -227,6 +231,149 @@ def test_gradients_match_finite_differences_of_ste_surrogate(which, monkeypatch)
         fd = (diffs[0] - diffs[1]) / (2 * eps)
         # the forward value is unscaled; only the gradient carries the LSQ factor g
         assert leaves[name].grad.item() == pytest.approx(g * fd, rel=1e-5, abs=1e-6), name
+
+
+def _fused_and_reference(fused, reference, x, params, args, upstream):
+    """(output, grad of x, grads of params) of both implementations; x / params get fresh leaves."""
+    res = []
+    for fn in (fused, reference):
+        xv = x.detach().clone().requires_grad_(x.requires_grad)
+        ps = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
+        out = fn(xv, *ps, *args)
+        if out.requires_grad:
+            (out * upstream).sum().backward()
+        res.append((out.detach(), xv.grad, [p.grad for p in ps]))
+    return res
+
+
+def _assert_fused_matches(res, dtype):
+    (out_f, gx_f, gp_f), (out_r, gx_r, gp_r) = res
+    assert torch.equal(out_f, out_r)  # the same ops in the same order: bit-identical values
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    if gx_r is None:
+        assert gx_f is None
+    else:  # the reference's x gradient goes through / s then * s: equal up to rounding
+        torch.testing.assert_close(gx_f, gx_r, **tol)
+    for a, b in zip(gp_f, gp_r):
+        if b is None:
+            assert a is None
+        else:  # sums in another order: float32 agrees to ~1e-5 relative
+            torch.testing.assert_close(a, b, rtol=tol["rtol"], atol=tol["atol"] * float(b.abs().max() + 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("integer_zero_point", [False, True])
+@pytest.mark.parametrize("g", [1.0, 0.21, 1 / math.sqrt(16 * 8 * 8 * 255)])  # the last: a typical LSQ factor
+@pytest.mark.parametrize("case", ["signed", "relu_zero_offset", "unsigned_constraint", "negative_scale",
+                                  "scale_floor", "x_no_grad", "constant_qparams", "tflite_grid"])
+def test_fused_activation_matches_reference_chain(dtype, integer_zero_point, g, case):
+    """quantize_activation (one autograd node) vs quantize_activation_reference (the chain of autograd ops):
+    identical values, the same gradients for x, scale and offset, edge cases included (inputs exactly on the
+    clipping bound, zero offset, the offset * 0 of `unsigned`, negative / zero scales, no-grad inputs)."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(3, 4, 5, 5, generator=gen, dtype=dtype) * 2
+    scale, offset = torch.tensor([0.011], dtype=dtype), torch.tensor([-1.23], dtype=dtype)
+    qmin, qmax = 0, 255
+    if case == "relu_zero_offset":  # many inputs exactly 0 = exactly on the bottom bound
+        x, offset = x.relu(), torch.zeros(1, dtype=dtype)
+    elif case == "negative_scale":
+        scale = -scale
+    elif case == "scale_floor":
+        scale = torch.zeros(1, dtype=dtype)
+    elif case == "tflite_grid":
+        qmin, qmax = -128, 127
+    upstream = torch.randn(x.shape, generator=gen, dtype=dtype)
+    x.requires_grad_(case != "x_no_grad")
+    scale.requires_grad_(case != "constant_qparams")
+    offset.requires_grad_(case != "constant_qparams")
+    args = (qmin, qmax, integer_zero_point, g)
+    if case == "unsigned_constraint":  # ActQuantizer._constrained: the offset enters as offset * 0.0
+        def wrap(fn):
+            return lambda x_, s_, o_, *a: fn(x_, s_, o_ * 0.0, *a)
+        fused, reference = wrap(quantize_activation), wrap(lsq.quantize_activation_reference)
+    else:
+        fused, reference = quantize_activation, lsq.quantize_activation_reference
+    res = _fused_and_reference(fused, reference, x, [scale, offset], args, upstream)
+    _assert_fused_matches(res, dtype)
+    if case == "signed":  # both clipping ends and the inside were exercised
+        t = (x.detach() - offset) / scale
+        assert (t < 0).any() and (t > 255).any() and ((t > 0) & (t < 255)).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("g", [1.0, 0.3])
+@pytest.mark.parametrize("case", ["plain", "sliced_scale", "negative_scale", "linear", "w_no_grad"])
+def test_fused_weight_matches_reference_chain(dtype, per_channel, g, case):
+    gen = torch.Generator().manual_seed(13)
+    shape = (6, 5) if case == "linear" else (6, 4, 3, 3)
+    w = torch.randn(shape, generator=gen, dtype=dtype) * 0.5
+    scale = (torch.rand(8 if case == "sliced_scale" else 6, generator=gen, dtype=dtype) * 0.004 + 0.002) \
+        if per_channel else torch.tensor([0.004], dtype=dtype)  # small enough that some weights clip
+    if case == "negative_scale":
+        scale[0] = -scale[0]
+    scale.requires_grad_(True)
+    w.requires_grad_(case != "w_no_grad")
+    upstream = torch.randn(shape, generator=gen, dtype=dtype)
+    if case == "sliced_scale":  # WeightQuantizer passes scale[:Cout] for a sliced elastic weight
+        def wrap(fn):
+            return lambda w_, s_, *a: fn(w_, s_[:6], *a)
+        fused, reference = wrap(quantize_weight), wrap(lsq.quantize_weight_reference)
+    else:
+        fused, reference = quantize_weight, lsq.quantize_weight_reference
+    res = _fused_and_reference(fused, reference, w, [scale], (-127, 127, g), upstream)
+    _assert_fused_matches(res, dtype)
+    if case == "sliced_scale" and per_channel:  # only the active channels' scales learn
+        assert torch.all(res[0][2][0][6:] == 0) and torch.all(res[0][2][0][:6] != 0)
+
+
+@pytest.mark.parametrize("encoding, preset", [("tiny-012345-000000", "ort"), ("tiny-100005-012120", "original")])
+def test_fused_supernet_gradients_match_reference_chain(encoding, preset, monkeypatch):
+    """A whole LSQ+ supernet (every block family; unsigned / max_value constraints, TensorQuantizers, sliced
+    per-channel scales of a smaller subnet): the same loss and gradients with the fused nodes as with the
+    reference chains patched in wherever modules imported them."""
+    import sys
+    from modules.engine import init_lsq_scales
+    from modules.supernet import supernet_from_encoding
+    torch.manual_seed(15)
+    net = set_quant_mode(supernet_from_encoding(encoding), "lsq", preset).train()
+    x = torch.randn(2, 3, 32, 32)
+    net.set_max_subnet()
+    init_lsq_scales(net, x)
+    net.sample_active_subnet(__import__("random").Random(0))
+    results = []
+    for reference in (False, True):
+        if reference:
+            for mod in list(sys.modules.values()):
+                if getattr(mod, "__name__", "").split(".")[0] != "modules":
+                    continue
+                for name in ("quantize_activation", "quantize_weight"):
+                    if getattr(mod, name, None) is getattr(lsq, name):
+                        monkeypatch.setattr(mod, name, getattr(lsq, name + "_reference"))
+        net.zero_grad(set_to_none=True)
+        loss = net(x).logsumexp(1).sum()
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}))
+    (loss_f, grads_f), (loss_r, grads_r) = results
+    assert loss_f == loss_r  # bit-identical forward
+    assert grads_f.keys() == grads_r.keys() and any("scale" in n for n in grads_f)
+    # float32 sums in another order (up to ~2e-4 relative for a scale); the chains leave ~1e-11 where the truth is 0
+    for n, ref in grads_r.items():
+        diff = float((grads_f[n] - ref).abs().max())
+        assert diff <= 1e-3 * float(ref.abs().max()) + 1e-8, (n, diff, float(ref.abs().max()))
+
+
+def test_traced_quantizers_use_the_reference_chain():
+    """Exporters trace plain aten ops (no opaque autograd node): same values as eager."""
+    torch.manual_seed(14)
+    conv = QConv2d(3, 4, 3, padding=1)
+    set_quant_mode(conv, "lsq", "ort")
+    x = torch.randn(2, 3, 6, 6)
+    conv.eval()
+    eager = conv(x)
+    traced = torch.jit.trace(conv, (x,))
+    assert "PythonOp" not in str(traced.inlined_graph)
+    torch.testing.assert_close(traced(x), eager, rtol=0, atol=0)
 
 
 def test_module_gradient_scale_factors():
