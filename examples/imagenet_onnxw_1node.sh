@@ -26,7 +26,7 @@ $RUN eval_block_kd.py --superspace onnxw --data_dir "$IMAGENET" --teacher_weight
 # 4. space search (CPU, about a minute)
 python search_block_kd.py --superspace onnxw --lut_dir "$OUT/lut" --latency_constraints 15 20 \
     --latency_loss_t 0.08 --latency_predictor ort_int8 --latency_table_dir "$OUT/latency" --output_dir "$OUT"
-SPACE=$(python -c "import yaml,glob;print(yaml.safe_load(open(sorted(glob.glob('$OUT/space_search/onnxw/*/result.yaml'))[-1]))['best'])")
+SPACE=$(python -c "import yaml,glob;print(yaml.safe_load(open(sorted(glob.glob('$OUT/space_search/onnxw/*/result.yaml'))[-1]))['best']['supernet'])")
 
 # 5. supernet: 360 fp32 epochs, then 50 LSQ+ epochs
 $RUN train_supernet.py -c supernet_training_configs/train.yaml --supernet_choice "$SPACE" \
