@@ -157,10 +157,11 @@ def build_report(out: Path, superspace: str) -> str:
 
     def subnets():
         enc = state.get("supernet")
-        runs = sorted((out / "search_subnet" / str(enc)).glob("c*_d*"), key=lambda d: json.loads(
-            (d / "best.json").read_text())["target_ms"] if (d / "best.json").is_file() else 0.0)
-        if not runs:
-            raise FileNotFoundError("no search_subnet runs")
+        bests = sorted(((json.loads((d / "best.json").read_text()), d)
+                        for d in (out / "search_subnet" / str(enc)).glob("c*_d*") if (d / "best.json").is_file()),
+                       key=lambda br: br[0]["target_ms"])
+        if not bests:
+            raise FileNotFoundError("no search_subnet/*/best.json")
         measured = {}  # subnet -> ms measured the way the predictor's table was measured (deploy stage)
         check = out / "deploy" / "latency_check.csv"
         if check.is_file():
@@ -169,10 +170,7 @@ def build_report(out: Path, superspace: str) -> str:
                 if col and r.get("subnet"):
                     measured[r["subnet"]] = float(r[col])
         rows, plots = [], ""
-        for run in runs:
-            if not (run / "best.json").is_file():
-                continue
-            b = json.loads((run / "best.json").read_text())
+        for b, run in bests:
             lo, hi = b["window_ms"]
             val = b.get("top_val", [{}])[0].get("val_top1")
             ms = measured.get(b["subnet"])
@@ -187,7 +185,7 @@ def build_report(out: Path, superspace: str) -> str:
                 "subnet": f"`{b['subnet']}`"})
             if (run / "pareto.png").is_file():
                 plots += f"![{run.name}]({_rel(run / 'pareto.png', out)})\n"
-        return (f"Supernet `{enc}`, platform {b['platform']}. Best subnet per target (fitness: held-out train "
+        return (f"Supernet `{enc}`, platform {bests[0][0]['platform']}. Best subnet per target (fitness: held-out train "
                 "images; val: the untouched val split), against the median of random subnets in the same window; "
                 "measured latency from the deploy stage (`eval_supernet.py --mode lat --measure`).\n\n"
                 + _md_table(rows) + "\n" + plots)
