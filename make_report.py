@@ -185,8 +185,8 @@ def build_report(out: Path, superspace: str) -> str:
                 "subnet": f"`{b['subnet']}`"})
             if (run / "pareto.png").is_file():
                 plots += f"![{run.name}]({_rel(run / 'pareto.png', out)})\n"
-        return (f"Supernet `{enc}`, platform {bests[0][0]['platform']}. Best subnet per target (fitness: held-out train "
-                "images; val: the untouched val split), against the median of random subnets in the same window; "
+        return (f"Supernet `{enc}`, platform {bests[0][0]['platform']}. Best subnet per target (fitness: held-out "
+                "train images; val: the untouched val split), against the median of random subnets in the same window; "
                 "measured latency from the deploy stage (`eval_supernet.py --mode lat --measure`).\n\n"
                 + _md_table(rows) + "\n" + plots)
 
