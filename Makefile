@@ -20,13 +20,7 @@ test: venv
 	env -u OMP_NUM_THREADS $(PY) -m pytest -q tests
 
 demo: venv
-	@set -e; \
-	if [ -f run_demo.py ]; then \
-		$(PY) run_demo.py $(DEMO_ARGS); \
-	else \
-		if [ -f prepare_data.py ]; then $(PY) prepare_data.py; fi; \
-		if [ -f eval_specific_net.py ]; then $(PY) eval_specific_net.py --all; fi; \
-	fi
+	$(PY) run_demo.py $(DEMO_ARGS)
 
 # Python caches only; outputs under ./checkpoints are kept (see distclean).
 clean:

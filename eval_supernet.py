@@ -110,14 +110,13 @@ def eval_acc(args, predictor_platforms: list[str], predictors: dict | None = Non
     net, info = load_supernet_checkpoint(ckpt_path, args.supernet, args.device, log=log.warning)
     space = SubnetSpace(net.choice, net.hw_list)
     items = subnet_list(space, args)
-    resolve_data(args, info, log=log.warning)
-    data_dir = args.data_dir
-    image_size = args.image_size or max(space.hw_list)
+    data = resolve_data(args, info, log=log.warning)
+    image_size = data["image_size"] or max(space.hw_list)
     calib, val, dinfo = build_eval_batches(
-        data_dir, image_size, split=args.split, holdout_size=args.holdout_size,
-        num_calib_batches=args.num_calib_batches, calib_batch_size=args.calib_batch_size,
-        batch_size=args.batch_size, seed=args.data_seed, workers=args.workers, augment=args.calib_augment,
-        hflip=args.hflip,
+        data["data_dir"], image_size, split=args.split, holdout_size=data["holdout_size"],
+        num_calib_batches=data["num_calib_batches"], calib_batch_size=data["calib_batch_size"],
+        batch_size=args.batch_size, seed=data["data_seed"], workers=args.workers, augment=data["calib_augment"],
+        hflip=data["hflip"],
         max_eval_images=args.max_eval_images, cache_limit_gb=args.cache_limit_gb, log=log.warning)
     log.info("%s (%s): %d %s images, BN calibration on %d train images", info["supernet"], info["quant_mode"],
              dinfo["eval_images"], args.split, dinfo["calib_images"])

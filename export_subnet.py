@@ -68,12 +68,12 @@ def main(args) -> dict:
     data = resolve_data(args, info, saved, log=log.warning) if not args.no_calib or args.eval else {}
     if saved:
         log.info("BN calibration settings of the search: %s", data)
-    image_size = args.image_size or max(space.hw_list)
+    image_size = data.get("image_size") or args.image_size or max(space.hw_list)
     if not args.no_calib:
-        calib, _, dinfo = build_calib_batches(args.data_dir, image_size, holdout_size=args.holdout_size,
-                                              num_calib_batches=args.num_calib_batches,
-                                              calib_batch_size=args.calib_batch_size, seed=args.data_seed,
-                                              workers=args.workers, augment=args.calib_augment, hflip=args.hflip)
+        calib, _, dinfo = build_calib_batches(data["data_dir"], image_size, holdout_size=data["holdout_size"],
+                                              num_calib_batches=data["num_calib_batches"],
+                                              calib_batch_size=data["calib_batch_size"], seed=data["data_seed"],
+                                              workers=args.workers, augment=data["calib_augment"], hflip=data["hflip"])
         seen = calibrate_bn(net, calib, len(calib), args.device)
         log.info("BN statistics recalibrated on %d training images", seen)
     else:
@@ -95,7 +95,7 @@ def main(args) -> dict:
         from modules.data import build_dataset, build_loader
         from modules.engine import evaluate_top1
 
-        val = build_loader(build_dataset(args.data_dir, "val", train=False, image_size=image_size), args.batch_size,
+        val = build_loader(build_dataset(data["data_dir"], "val", train=False, image_size=image_size), args.batch_size,
                            train=False, workers=args.workers)
         result["val_top1"] = evaluate_top1(model, val, args.device)
         log.info("val top-1 %.2f %%", result["val_top1"])

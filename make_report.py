@@ -50,7 +50,7 @@ def lut_scatter(out: Path, superspace: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from modules.lut import load_lut_dir
+    from modules.lut import load_lut_dir, spearman
     from modules.superspace import get_superspace
 
     space = get_superspace(superspace)
@@ -83,7 +83,7 @@ def lut_scatter(out: Path, superspace: str) -> str:
         if nsr:
             rows.append({"block": f"{b} {cand.name}", "rows": len(nsr), "median NSR": f"{nsr[len(nsr) // 2]:.4f}",
                          "median latency ms": f"{lat[len(lat) // 2]:.4f}"})
-    rhos = [_spearman(t.mparams, -t.nsr) for t in lut.tables.values() if len(t.nsr) > 2]
+    rhos = [spearman(t.mparams, -t.nsr) for t in lut.tables.values() if len(t.nsr) > 2]
     rhos = [r for r in rhos if r == r]  # files whose rows all have the same size give nan
     rank = ""
     if rhos:
@@ -92,14 +92,6 @@ def lut_scatter(out: Path, superspace: str) -> str:
                 "(a short block KD leaves it near 0).\n\n")
     return f"{lut.num_rows} rows in {len(lut.tables)} files.\n\n![LUT]({_rel(png, out)})\n\n" + rank + _md_table(rows)
 
-
-def _spearman(a, b) -> float:
-    import numpy as np
-
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def section(title: str, body_fn, hint: str) -> str:
@@ -156,9 +148,11 @@ def build_report(out: Path, superspace: str) -> str:
     parts.append(section("Supernet training", supernet, "train_supernet.py"))
 
     def subnets():
+        from modules.subnet_search import search_root
+
         enc = state.get("supernet")
         bests = sorted(((json.loads((d / "best.json").read_text()), d)
-                        for d in (out / "search_subnet" / str(enc)).glob("c*_d*") if (d / "best.json").is_file()),
+                        for d in search_root(out, enc).glob("c*_d*") if (d / "best.json").is_file()),
                        key=lambda br: br[0]["target_ms"])
         if not bests:
             raise FileNotFoundError("no search_subnet/*/best.json")

@@ -53,9 +53,11 @@ class Demo:
         if self.args.debug:
             cmd.append("--debug")
         print("\n$ " + " ".join(cmd[1:]), flush=True)
+        t = time.time()
         rc = subprocess.call(cmd, cwd=REPO)
         if rc != 0:
             raise SystemExit(f"error: stage command failed with exit code {rc}: {' '.join(cmd[1:])}")
+        print(f"[demo] {script}: {time.time() - t:.1f} s", flush=True)
 
     def common(self):
         return ["--output_dir", self.out, "--seed", self.args.seed]
@@ -112,15 +114,16 @@ class Demo:
         self.run("prepare_data.py", "--data_dir", self.data, "--size", 64)
 
     def block_kd_fp32(self):
-        # demo-sized (measured by the block-KD engineer: ~35 s CPU teacher, 176 s CPU for the 36 students)
+        # demo-sized; the 36 students are independent, so 2 one-thread processes share them (2 threads in one
+        # process gain little on these tiny tensors, and stall when another job holds a core)
         self.run("train_block_kd.py", "--superspace", SUPERSPACE, "--data_dir", self.data, *self.common(),
                  "--epochs", 2, "--max_steps_per_epoch", 8, "--batch_size", 32, "--valid_size", 128,
-                 "--num_calib_batches", 1, "--resume", "--no_progress")
+                 "--num_calib_batches", 1, "--student_procs", 2, "--resume", "--no_progress")
 
     def block_kd_lsq(self):
         self.run("lsq_block_kd.py", "--superspace", SUPERSPACE, "--data_dir", self.data, *self.common(),
                  "--epochs", 1, "--max_steps_per_epoch", 6, "--batch_size", 32, "--valid_size", 128,
-                 "--num_calib_batches", 1, "--resume", "--no_progress")
+                 "--num_calib_batches", 1, "--student_procs", 2, "--resume", "--no_progress")
 
     def latency_table(self):
         self.run("build_latency_table.py", "--superspace", SUPERSPACE, "--platform", self.args.platform,
@@ -175,12 +178,14 @@ class Demo:
                  "--num_calib_batches", 2, "--resume", *self.common())
 
     def deploy(self):
+        from modules.subnet_search import search_run_dir
+
         s = self.state()
         enc = s["supernet"]
         deploy = self.out / "deploy"
         subnets, encodings = [], []
         for c in s["subnet_targets"]:
-            best = self.out / "search_subnet" / enc / f"c{c:g}_d{s['subnet_delta']:g}" / "best.json"
+            best = search_run_dir(self.out, enc, c, s["subnet_delta"]) / "best.json"
             encodings.append(json.loads(best.read_text())["subnet"])
             sub = self.out / "subnets" / f"{enc}_c{c:g}.pth"
             self.run("export_subnet.py", "--supernet", enc, "--data_dir", self.data, "--subnet", best,

@@ -41,9 +41,9 @@ import torch
 from modules.checkpoint import atomic_write_text
 from modules.cli import add_common_args, nonneg_int, positive_int, run_main, save_run_info, setup_logging
 from modules.subnet_search import (WINDOW_SEED_OFFSET, LatencyOracle, SearchSettings, SubnetEvaluator, SubnetSpace,
-                                   add_supernet_args, build_eval_batches, check_window,
-                                   load_predictor_for, load_supernet_checkpoint, resolve_checkpoint, resolve_data,
-                                   run_subnet_search, sample_in_window)
+                                   add_supernet_args, build_eval_batches, check_window, load_predictor_for,
+                                   load_supernet_checkpoint, resolve_checkpoint, resolve_data, run_subnet_search,
+                                   sample_in_window, search_root, search_run_dir)
 
 log = logging.getLogger("search_subnet")
 
@@ -116,14 +116,6 @@ def predictor_fingerprint(predictor) -> str:
     path = getattr(predictor, "table_path", None)
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path and Path(path).is_file() else "-"
     return f"{type(predictor).__name__}:{getattr(predictor, 'platform', '')}:{digest}"
-
-
-def fmt_num(x: float) -> str:
-    return format(x, "g")
-
-
-def target_dir(root: Path, target: float, delta: float) -> Path:
-    return root / f"c{fmt_num(target)}_d{fmt_num(delta)}"
 
 
 def _csv(header, rows) -> str:
@@ -220,13 +212,11 @@ def main(args, predictor=None) -> dict:
         raise ValueError(f"--latency_delta {args.latency_delta} must be >= 0")
     if args.resume and args.fresh:
         raise ValueError("--resume and --fresh exclude each other")
-    if args.tiny and args.num_calib_batches is None:
-        args.num_calib_batches = TINY_CALIB_BATCHES
     torch.manual_seed(args.seed)
     ckpt_path = resolve_checkpoint(args)
     net, net_info = load_supernet_checkpoint(ckpt_path, args.supernet, args.device, log=log.warning)
     encoding = net_info["supernet"]
-    root = Path(args.output_dir) / "search_subnet" / encoding
+    root = search_root(args.output_dir, encoding)
     root.mkdir(parents=True, exist_ok=True)
     setup_logging(root, "search_subnet")
     save_run_info(args, root)
@@ -237,18 +227,20 @@ def main(args, predictor=None) -> dict:
     space = SubnetSpace(net.choice, net.hw_list)
     lat = LatencyOracle(net, predictor)
     for target in args.latency_constraint:  # fail fast, before loading any data
-        if not (args.resume and (target_dir(root, target, args.latency_delta) / "state.json").is_file()):
+        if not (args.resume and (search_run_dir(args.output_dir, encoding, target, args.latency_delta) / "state.json").is_file()):
             check_window(space, lat, target - args.latency_delta, target,
                          random.Random(args.seed + WINDOW_SEED_OFFSET), settings.max_tries, args.latency_predictor)
 
-    data = resolve_data(args, net_info, log=log.warning)
-    data_dir = args.data_dir
-    image_size = args.image_size or max(space.hw_list)
+    data = resolve_data(args, net_info, log=log.warning,
+                        defaults={"num_calib_batches": TINY_CALIB_BATCHES} if args.tiny else None)
+    data_dir = data["data_dir"]
+    image_size = data["image_size"] or max(space.hw_list)
     t0 = time.perf_counter()
     calib, holdout, data_info = build_eval_batches(
-        data_dir, image_size, split="holdout", holdout_size=args.holdout_size, num_calib_batches=args.num_calib_batches,
-        calib_batch_size=args.calib_batch_size, batch_size=args.batch_size, seed=args.data_seed, workers=args.workers,
-        augment=args.calib_augment, hflip=args.hflip, cache_limit_gb=args.cache_limit_gb, log=log.warning)
+        data_dir, image_size, split="holdout", holdout_size=data["holdout_size"],
+        num_calib_batches=data["num_calib_batches"], calib_batch_size=data["calib_batch_size"],
+        batch_size=args.batch_size, seed=data["data_seed"], workers=args.workers, augment=data["calib_augment"],
+        hflip=data["hflip"], cache_limit_gb=args.cache_limit_gb, log=log.warning)
     log.info("fitness data: %d held-out train images, %d BN-calibration images (%.1f s)",
              data_info["eval_images"], data_info["calib_images"], time.perf_counter() - t0)
     evaluator = SubnetEvaluator(net, calib, holdout, args.device, args.cache_limit_gb)
@@ -259,7 +251,7 @@ def main(args, predictor=None) -> dict:
         if val_evaluator is None:
             _, val, _ = build_eval_batches(
                 data_dir, image_size, split="val", holdout_size=data_info["holdout_size"], num_calib_batches=1,
-                calib_batch_size=args.calib_batch_size, batch_size=args.batch_size, seed=args.data_seed,
+                calib_batch_size=data["calib_batch_size"], batch_size=args.batch_size, seed=data["data_seed"],
                 workers=args.workers, cache_limit_gb=args.cache_limit_gb, log=log.warning)
             val_evaluator = SubnetEvaluator(net, calib, val, args.device, args.cache_limit_gb)
         return val_evaluator
@@ -270,7 +262,7 @@ def main(args, predictor=None) -> dict:
     fitness_cache: dict[str, float] = {}
     results, outcomes, baselines = {}, [], {}
     for target in args.latency_constraint:
-        run_dir = target_dir(root, target, args.latency_delta)
+        run_dir = search_run_dir(args.output_dir, encoding, target, args.latency_delta)
         run_dir.mkdir(parents=True, exist_ok=True)
         state = run_dir / "state.json"
         if args.fresh and state.exists():

@@ -59,9 +59,9 @@ def get_args_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min_runs", type=int, default=15, help="timed runs per block (at least)")
     p.add_argument("--min_time", type=float, default=0.03, help="measured seconds per block (at least)")
-    p.add_argument("--rounds", type=int, default=2, help="shuffled timing rounds per block / model and pass")
-    p.add_argument("--model_runs", type=int, default=8, help="timed runs per whole model and round (at least)")
-    p.add_argument("--model_time", type=float, default=0.1, help="measured seconds per whole model and round")
+    p.add_argument("--rounds", type=int, default=6, help="shuffled timing rounds per block / model and pass")
+    p.add_argument("--model_runs", type=int, default=4, help="timed runs per whole model and round (at least)")
+    p.add_argument("--model_time", type=float, default=0.05, help="measured seconds per whole model and round")
     p.add_argument("--model_batch", type=int, default=8, help="whole models built, then timed together")
     p.add_argument("--interleave", type=int, default=1,
                    help="1: measure each batch's blocks right before its whole models (same machine state); "

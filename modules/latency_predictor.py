@@ -699,7 +699,10 @@ class MeasureConfig:
     stat: str = "min"  # min | p20 | median | mean
     quant_format: str = "qdq"  # ort_int8: qdq | qoperator
     use_xnnpack: bool = True  # tflite_*
-    rounds: int = 2  # time_many: rounds per model, seconds apart
+    # time_many: rounds per model, seconds apart, the runs split over them. Contention on a shared VM comes in
+    # phases of seconds: the minimum over 6 rounds of 3 runs is far more reproducible than over 2 rounds of 8
+    # (onnxw subnets measured twice, 10 min apart, at load 1: 78 % vs 50 % within +-10 % of each other)
+    rounds: int = 6
 
     def __post_init__(self):
         if self.clock not in CLOCKS:

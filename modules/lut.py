@@ -112,6 +112,27 @@ class LutTable:
             self.mparams.tolist(), self.latency.tolist())]
 
 
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation of two equal-length sequences (ties get their average rank); nan when
+    either is constant. Used to check that bigger sub-stages of a LUT file have lower NSR."""
+    ra, rb = _average_ranks(a), _average_ranks(b)
+    if len(ra) != len(rb):
+        raise ValueError(f"spearman: lengths differ ({len(ra)} vs {len(rb)})")
+    if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _average_ranks(x: Sequence[float]) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=np.float64)
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return sums[inverse] / counts[inverse]
+
+
 class _SubStageChecker:
     """Validates sub-stage strings: a fast path on the set of canonical ``k#w#e`` tokens, else the full parser."""
 

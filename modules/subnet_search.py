@@ -196,6 +196,16 @@ def latency_range(space: SubnetSpace, lat: LatencyOracle, rng: random.Random, sa
             "sampled_median": sorted(vals)[len(vals) // 2]}
 
 
+def search_root(output_dir: str | os.PathLike, supernet: str) -> Path:
+    """<output_dir>/search_subnet/<supernet>: the logs and args of `search_subnet.py`, one dir per window."""
+    return Path(output_dir) / "search_subnet" / str(supernet)
+
+
+def search_run_dir(output_dir: str | os.PathLike, supernet: str, target: float, delta: float) -> Path:
+    """The run of one latency window [target - delta, target]: state.json, best.json, history.csv, ..."""
+    return search_root(output_dir, supernet) / f"c{target:g}_d{delta:g}"
+
+
 def sample_in_window(space: SubnetSpace, lat: LatencyOracle, lo: float, hi: float, rng: random.Random,
                      num: int, max_tries: int, exclude: Iterable[str] = ()) -> list[SubnetConfig]:
     """Up to `num` distinct random subnets with latency in [lo, hi] (at most `max_tries` draws)."""
@@ -593,12 +603,13 @@ def add_supernet_args(p: argparse.ArgumentParser) -> None:
 DATA_DEFAULTS = {"num_calib_batches": 20, "calib_batch_size": 64, "holdout_size": None, "data_seed": 0}
 
 
-def resolve_data(args, net_info: dict, saved: dict | None = None, log: Callable | None = None) -> dict:
+def resolve_data(args, net_info: dict, saved: dict | None = None, log: Callable | None = None,
+                 defaults: dict | None = None) -> dict:
     """The data settings of BN calibration and evaluation, each from: the command line, else `saved` (the
     "data" of a search's best.json, so an exported subnet gets exactly the BN statistics its search fitness
     used), else the supernet checkpoint's training args (its data, image size, and its held-out images:
     `valid_size` with its `seed`, so the search fitness is measured on images the supernet never trained
-    on), else defaults. Sets them on `args` and returns them (JSON-able)."""
+    on), else `defaults` (over DATA_DEFAULTS). Returns them (JSON-able); `args` is left as parsed."""
     from modules.data import write_digits_imagefolder
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -613,18 +624,16 @@ def resolve_data(args, net_info: dict, saved: dict | None = None, log: Callable 
     else:  # train_supernet.py's default: the digits set under its output dir
         data_dir = Path(train.get("output_dir") or args.output_dir) / "data" / "digits"
         write_digits_imagefolder(data_dir, size=64)  # no-op when complete
-    args.data_dir = str(data_dir)
     from_train = {}
     if train.get("val_split", "holdout") == "holdout" and train.get("valid_size"):
         from_train = {"holdout_size": int(train["valid_size"]), "data_seed": int(train.get("seed", 0))}
     out = {"data_dir": str(data_dir)}
-    for k, default in DATA_DEFAULTS.items():
+    for k, default in {**DATA_DEFAULTS, **(defaults or {})}.items():
         v = getattr(args, k, None)
         for src in (saved, from_train):
             if v is None:
                 v = src.get(k)
         out[k] = default if v is None else v
-        setattr(args, k, out[k])
     if train.get("val_split") == "val":
         log(f"the supernet {net_info.get('path', '')} was trained on every train image (val_split "
             f"{train.get('val_split')!r}): the held-out images are not new to it")
@@ -633,10 +642,9 @@ def resolve_data(args, net_info: dict, saved: dict | None = None, log: Callable 
         log(f"the holdout (size {out['holdout_size']}, seed {out['data_seed']}) is not within the supernet "
             f"training's held-out images (size {from_train['holdout_size']}, seed {from_train['data_seed']}): "
             "some were trained on")
-    args.image_size = args.image_size or saved.get("image_size") or train.get("image_size") or None
-    args.calib_augment = bool(getattr(args, "calib_augment", False) or saved.get("calib_augment"))
-    args.hflip = bool(args.hflip or saved.get("hflip"))
-    out.update(image_size=args.image_size, calib_augment=args.calib_augment, hflip=args.hflip)
+    out.update(image_size=args.image_size or saved.get("image_size") or train.get("image_size") or None,
+               calib_augment=bool(getattr(args, "calib_augment", False) or saved.get("calib_augment")),
+               hflip=bool(args.hflip or saved.get("hflip")))
     return out
 
 

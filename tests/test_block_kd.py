@@ -16,7 +16,7 @@ from modules.block_kd import (StagePlusProj, check_selection, lut_resolutions, n
                               nsr_per_sample, stage_dir)
 from modules.checkpoint import atomic_save, load_checkpoint
 from modules.counter import count_macs
-from modules.lut import read_lut_file
+from modules.lut import read_lut_file, spearman
 from modules.superspace import get_superspace
 from modules.supernet import load_sliced_state_dict
 from modules.teacher import _calibrated_bn_stats, build_tiny_teacher, tiny_teacher_arch, tiny_teacher_path
@@ -53,11 +53,6 @@ def _run(module, argv):
 def _log(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def _spearman(a, b) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +171,8 @@ def test_lut_round_trips_and_bigger_sub_stages_have_lower_nsr(pipeline):
     assert len(table) == 24 and "\n".join(table.rows()) + "\n" == text  # byte-identical round trip
     assert table.resolutions() == {32, 48, 64} and set(table.cin.tolist()) <= set(SPACE.prev_width_list("stage2"))
     assert (table.latency == 0).all() and (table.nsr > 0).all() and (table.mmacs > 0).all()
-    rho = _spearman(table.mparams, -table.nsr)
-    print(f"Spearman(params, -NSR) = {rho:.3f}, Spearman(CIN, -NSR) = {_spearman(table.cin, -table.nsr):.3f}")
+    rho = spearman(table.mparams, -table.nsr)
+    print(f"Spearman(params, -NSR) = {rho:.3f}, Spearman(CIN, -NSR) = {spearman(table.cin, -table.nsr):.3f}")
     assert rho > 0, f"Spearman(params, -NSR) = {rho:.3f}"
 
 
@@ -193,3 +188,31 @@ def test_lut_is_skipped_when_complete_and_reproducible(pipeline, digits_root):
     path.unlink()
     again = _run(eval_block_kd, argv[:-6] + ["6"] + argv[-5:])  # 6 rows: the first 6 of the 24-row file
     assert path.read_text().splitlines() == text.splitlines()[:6]
+
+
+def test_student_procs_train_the_same_students_as_one_process(tmp_path, digits_root):
+    """--student_procs 2 splits the students over 2 spawned processes; a student's initial weights, batches and
+    sub-stages depend only on (seed, stage, block, step), so each one ends as in a single-process run."""
+    logs = {}
+    for procs in (1, 2):
+        out = tmp_path / f"p{procs}"
+        _write_teacher(out)
+        common = ["--output_dir", str(out), "--data_dir", str(digits_root), "--stages", "1", str(STAGE),
+                  "--blocks", str(BLOCK), "1", "--batch_size", "16", "--valid_size", "32", "--eval_batch_size", "32",
+                  "--num_calib_batches", "1", "--no_progress", "--epochs", "1", "--max_steps_per_epoch", "2"]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in the student processes: the same float summation order
+        try:
+            res = _run(train_block_kd, common + ["--student_procs", str(procs)])
+        finally:
+            torch.set_num_threads(threads)
+        assert sorted(k for k in res if k != "stopped") == ["stage1_0", "stage1_1", "stage2_0", "stage2_1"]
+        summary = _log(out / "block_kd" / "tiny" / "fp32_summary.csv")
+        assert [(r["stage"], r["block"]) for r in summary] == [("1", "0"), ("1", "1"), ("2", "0"), ("2", "1")]
+        logs[procs] = {k: _log(out / "block_kd" / "tiny" / k / "log.csv") for k in res}
+    for key, rows in logs[1].items():
+        assert len(rows) == len(logs[2][key]) == 2
+        for a, b in zip(rows, logs[2][key]):
+            for col in ("loss_max", "loss_min", "nsr_max", "nsr_min", "nsr_random"):
+                if a[col]:
+                    assert float(a[col]) == pytest.approx(float(b[col]), rel=1e-4), (key, col)

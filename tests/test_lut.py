@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from modules.lut import (expected_keys, format_lut_row, load_lut_dir, lut_file_path, lut_key, read_lut_file,
-                         write_lut_file, write_synthetic_lut)
+                         spearman, write_lut_file, write_synthetic_lut)
 from modules.superspace import get_superspace
 
 TINY = get_superspace("tiny")
@@ -128,3 +128,15 @@ def test_load_dir_errors(tmp_path):
     assert load_lut_dir(str(tmp_path), "tiny", hw_list=[32, 48]).resolutions == (32, 48)
     with pytest.raises(ValueError, match="not in the block-KD list"):
         load_lut_dir(str(tmp_path), "tiny", hw_list=[224])
+
+
+def test_spearman_against_hand_computed_values():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks a = 1 2 3 4, b = 1 3 2 4: rho = 1 - 6 * (0 + 1 + 1 + 0) / (4 * 15) = 0.8
+    assert spearman([1, 2, 3, 4], [1, 5, 2, 9]) == pytest.approx(0.8)
+    # ties take their average rank: b ranks 1.5 1.5 3 4 -> Pearson of the ranks
+    assert spearman([1, 2, 3, 4], [7, 7, 8, 9]) == pytest.approx(np.corrcoef([1, 2, 3, 4], [1.5, 1.5, 3, 4])[0, 1])
+    assert np.isnan(spearman([1, 2, 3], [5, 5, 5]))
+    with pytest.raises(ValueError, match="lengths differ"):
+        spearman([1, 2], [1, 2, 3])

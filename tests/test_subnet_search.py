@@ -266,7 +266,11 @@ def test_exported_best_scores_its_search_fitness(env, first_run, tmp_path):
         ["--supernet", ENC, "--quant_mode", "fp32", "--output_dir", str(out), "--subnet", str(best_json),
          "--output", str(tmp_path / "best.pth")])
     export_subnet.main(args)
-    assert args.holdout_size == 24 and args.num_calib_batches == 1 and args.data_dir == best["data"]["data_dir"]
+    from modules.checkpoint import load_checkpoint
+
+    data = load_checkpoint(tmp_path / "best.pth")["data"]  # the BN-calibration settings it used, from best.json
+    assert data["holdout_size"] == 24 and data["num_calib_batches"] == 1 and data["data_dir"] == best["data"]["data_dir"]
+    assert args.holdout_size is None and args.data_dir is None  # the parsed arguments are left as parsed
     model = load_subnet_checkpoint(tmp_path / "best.pth")
     _, holdout, _ = build_eval_batches(env["data"], 64, holdout_size=24, num_calib_batches=1, calib_batch_size=16,
                                        batch_size=24)
