@@ -26,8 +26,8 @@
    With `--ablation K`, the blocks of K test subnets are also measured as plain quantized models
    (float input/output with their Q/DQ, NCHW), to show what cutting the block boundaries removes.
 
-Everything is cached under `--output_dir` (resumable); a full default run takes ~20-30 min on 2
-shared cores and is meant to run in the background::
+Everything is cached under `--output_dir` (resumable); the full default run took 1060 s at load 1 on the
+2-core VM (blocks 372 s, whole models 615 s) and is meant to run in the background::
 
     nohup python -m bench.latency_predictor > checkpoints/bench_latency/log.txt 2>&1 &
     python -m bench.latency_predictor --num 20 --num_calib 8 --num_train 4     # quick look (~5 min)

@@ -468,17 +468,20 @@ def _summary(t: np.ndarray, clock: str) -> dict:
 
 
 def time_rounds(fns: dict, rounds: int = 2, min_runs: int = 15, max_runs: int = 300, min_time: float = 0.04,
-                warmup: int = 3, clock: str = "cpu", seed: int = 0) -> dict:
+                warmup: int = 3, clock: str = "cpu", seed: int = 0, gap: float = 0.0) -> dict:
     """Time several callables in `rounds` rounds, each round visiting them in a new random order (so the
     rounds of one model are seconds apart); per callable, the statistics of all its runs together (the
     minimum is the minimum over the rounds), plus ``round_min`` (each round's minimum). On a shared
     machine contention comes in phases of seconds; spreading a measurement over several phases is what
-    makes repeated measurements agree."""
+    makes repeated measurements agree. ``gap``: seconds of sleep between rounds (spreads the rounds of a
+    single model, which has no other models to interleave with)."""
     rng = random.Random(seed)
     keys = list(fns)
     runs: dict = {k: [] for k in keys}
     per_round: dict = {k: [] for k in keys}
-    for _ in range(max(rounds, 1)):
+    for i in range(max(rounds, 1)):
+        if i and gap > 0:
+            time.sleep(gap)
         rng.shuffle(keys)
         for k in keys:
             st = time_callable(fns[k], min_runs, max_runs, min_time, warmup, 0.0, clock)
@@ -843,9 +846,11 @@ def export_subnet(net, platform: str, directory: str, quant_format: str = "qdq",
 
 
 def measure_model_file(path, platform: str, mc: MeasureConfig | None = None, min_runs: int = 20,
-                       min_time: float = 0.3, warmup: int = 5) -> dict:
+                       min_time: float = 0.3, warmup: int = 5, gap: float = 1.0) -> dict:
     """Timing statistics (ms) of a model file, sessions configured as `modules.benchmark`; the model is run
-    as deployed (``session.run`` with a float input)."""
+    as deployed (``session.run`` with a float input). The runs are split over ``mc.rounds`` rounds `gap` s
+    apart: one round caught in a slow phase of this shared VM measured two demo subnets 1.6x slower than
+    a rerun a few minutes later."""
     from modules import benchmark
 
     mc = mc or MeasureConfig()
@@ -853,7 +858,10 @@ def measure_model_file(path, platform: str, mc: MeasureConfig | None = None, min
         fn = _session_runner(benchmark.onnx_session(path, mc.threads))
     else:
         fn = _tflite_runner(path, mc)
-    return mc.time(fn, platform, min_runs=min_runs, min_time=min_time, warmup=warmup)
+    r = max(mc.rounds, 1)
+    st = time_rounds({0: fn}, r, max(1, -(-min_runs // r)), mc.max_runs, min_time / r, warmup, mc.clock, gap=gap)[0]
+    st.pop("round_min", None)
+    return st
 
 
 def measure_subnet(net, platform: str, mc: MeasureConfig | None = None, workdir: str | None = None,
