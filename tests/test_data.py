@@ -134,7 +134,7 @@ def test_dist_helpers_without_process_group():
 
 
 _TWO_RANKS = """
-import json, sys
+import json, os, sys
 sys.path.insert(0, {root!r})
 import torch
 from modules import dist
@@ -148,7 +148,9 @@ out = dict(rank=info.rank, world=info.world_size, seen=seen,
 t = torch.full((2,), float(info.rank))
 out["inplace"] = dist.all_reduce_mean(t) is t and t.tolist() == [0.5, 0.5]
 out["sum"] = dist.all_reduce_sum(torch.tensor([info.rank + 1])).tolist()
-print("RESULT " + json.dumps(out), flush=True)
+# one file per rank: the two ranks' prints share one stdout and can interleave within a line
+with open(os.path.join({out!r}, f"rank{{info.rank}}.json"), "w") as f:
+    json.dump(out, f)
 dist.destroy_distributed()
 """
 
@@ -160,13 +162,12 @@ def test_distributed_loader_two_ranks(tmp_path):
     import sys
 
     script = tmp_path / "two_ranks.py"
-    script.write_text(_TWO_RANKS.format(root=str(Path(__file__).resolve().parents[1])))
+    script.write_text(_TWO_RANKS.format(root=str(Path(__file__).resolve().parents[1]), out=str(tmp_path)))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(script)], capture_output=True, text=True, env=env, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
-    results = sorted((json.loads(line.split(" ", 1)[1]) for line in out.stdout.splitlines()
-                      if line.startswith("RESULT ")), key=lambda r: r["rank"])
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in results] == [0, 1] and all(r["world"] == 2 for r in results)
     assert all(r["mean"] == 0.5 and r["obj"] == 0 and r["inplace"] and r["sum"] == [3] for r in results)
     a, b = results[0]["seen"], results[1]["seen"]
