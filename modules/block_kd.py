@@ -388,9 +388,12 @@ def init_lsq_from_data(model: StagePlusProj, inputs: torch.Tensor, seed: int, ma
     return sum(not bool(q.initialized) for q in qs)
 
 
+_EARLY_STOP: list[int] = []  # SIGTERMs a --student_procs process got before its training loop
+
+
 class _StopFlag:
     def __init__(self):
-        self.set = False
+        self.set = bool(_EARLY_STOP)
         self._old = None
 
     def __enter__(self):
@@ -507,10 +510,8 @@ def run_block_kd(args: argparse.Namespace, phase: str, shard: tuple[int, int] | 
 
     ``shard=(i, n)``: only the pairs i, i + n, ... (one of the ``--student_procs`` processes; the parent
     process trains the teacher beforehand and writes the summary afterwards)."""
-    from modules.cli import save_run_info, seed_everything, setup_logging
-    from modules.data import (build_dataset, build_loader, calib_batches, prepare_default_data, set_loader_epoch,
-                              split_holdout)
-    from modules.teacher import get_teacher
+    from modules.cli import seed_everything
+    from modules.data import build_dataset, build_loader, calib_batches, set_loader_epoch, split_holdout
 
     if phase not in PHASES:
         raise ValueError(f"block-KD phase {phase!r}: expected fp32 or lsq")
@@ -535,16 +536,10 @@ def run_block_kd(args: argparse.Namespace, phase: str, shard: tuple[int, int] | 
         return _run_student_procs(args, phase, space, all_pairs, hw_list, root)
     info = dist.init_distributed_mode(args.device)
     device = info.device
-    run_name = f"{'train' if phase == 'fp32' else 'lsq'}_block_kd"
-    setup_logging(root / "logs", run_name)
-    if shard is None:
-        save_run_info(args, root / "logs" / run_name)
     seed_everything(args.seed)
-    data_dir = prepare_default_data(args.data_dir)
     t_start = time.time()
-    teacher = get_teacher(space, args.output_dir, args.teacher_weights, data_dir, hw_list=hw_list,
-                          train_kwargs={"epochs": args.teacher_epochs, "seed": args.seed,
-                                        "workers": args.workers, "hw_list": hw_list}).to(device)
+    data_dir, teacher = _setup_run(args, phase, space, hw_list, root, save_args=shard is None)
+    teacher = teacher.to(device)
     if getattr(teacher, "val_acc", None):
         log.info("teacher %s: val top-1 %s", teacher.name,
                  ", ".join(f"{a:.2f}% @{r}px" for r, a in teacher.val_acc.items()))
@@ -701,6 +696,23 @@ def run_block_kd(args: argparse.Namespace, phase: str, shard: tuple[int, int] | 
     return results
 
 
+def _setup_run(args, phase: str, space: SuperSpace, hw_list, root: Path, save_args: bool = True):
+    """Logging (+ args.yaml), the dataset dir and the teacher (the tiny one trained and cached when missing)."""
+    from modules.cli import save_run_info, setup_logging
+    from modules.data import prepare_default_data
+    from modules.teacher import get_teacher
+
+    run_name = f"{'train' if phase == 'fp32' else 'lsq'}_block_kd"
+    setup_logging(root / "logs", run_name)
+    if save_args:
+        save_run_info(args, root / "logs" / run_name)
+    data_dir = prepare_default_data(args.data_dir)
+    teacher = get_teacher(space, args.output_dir, args.teacher_weights, data_dir, hw_list=hw_list,
+                          train_kwargs={"epochs": args.teacher_epochs, "seed": args.seed, "workers": args.workers,
+                                        "hw_list": hw_list})
+    return data_dir, teacher
+
+
 def _read_results(output_dir, space: SuperSpace, pairs, log_name: str) -> dict:
     """{key: {"before", "after", "epochs"}} from the students' logs (first row: before training)."""
     results = {}
@@ -730,6 +742,7 @@ def _student_proc(cfg: dict, phase: str, shard: int, num_shards: int, result_pat
     import sys
 
     torch.set_num_threads(1)
+    signal.signal(signal.SIGTERM, lambda signum, frame: _EARLY_STOP.append(signum))  # stop after 1 step, saved
     try:
         out = run_block_kd(argparse.Namespace(**cfg), phase, shard=(shard, num_shards))
         atomic_write_text(result_path, json.dumps({"stopped": bool(out.get("stopped"))}))
@@ -745,18 +758,8 @@ def _run_student_procs(args, phase: str, space: SuperSpace, pairs, hw_list, root
     import multiprocessing as mp
     import tempfile
 
-    from modules.cli import save_run_info, setup_logging
-    from modules.data import prepare_default_data
-    from modules.teacher import get_teacher
-
-    run_name = f"{'train' if phase == 'fp32' else 'lsq'}_block_kd"
-    setup_logging(root / "logs", run_name)
-    save_run_info(args, root / "logs" / run_name)
     t_start = time.time()
-    data_dir = prepare_default_data(args.data_dir)
-    get_teacher(space, args.output_dir, args.teacher_weights, data_dir, hw_list=hw_list,
-                train_kwargs={"epochs": args.teacher_epochs, "seed": args.seed, "workers": args.workers,
-                              "hw_list": hw_list})  # trains and caches the tiny teacher when missing
+    _setup_run(args, phase, space, hw_list, root)  # trains and caches the tiny teacher when missing
     n = min(args.student_procs, len(pairs))
     log.info("%s block KD of %d student(s) in %d processes of 1 thread", phase, len(pairs), n)
     ctx = mp.get_context("spawn")

@@ -5,7 +5,6 @@ import csv
 import os
 import random
 
-import numpy as np
 import pytest
 import torch
 

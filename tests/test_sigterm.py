@@ -263,3 +263,34 @@ def test_subnet_search_sigterm_saves_state_and_resume_matches(tmp_path):
     # (that a resumed search equals an uninterrupted one is tested in tests/test_subnet_search.py)
     rows = list(csv.DictReader(open(run / "history.csv")))
     assert len(rows) == 7 and len({r["subnet"] for r in rows}) == 7
+
+
+def test_block_kd_student_procs_pass_sigterm_on(block_kd):
+    """--student_procs 2: SIGTERM to the parent reaches both student processes, which save and stop; exit
+    code 143, no orphaned process, and --resume finishes every student."""
+    from modules.checkpoint import load_checkpoint
+
+    _, _, data, out = block_kd
+    out = out.parent / "procs"
+    from test_block_kd import _write_teacher
+
+    _write_teacher(out)
+    args = [str(a) for a in ("--superspace", "tiny", "--stages", 1, "--blocks", 0, 1, "--epochs", 40, "--batch_size", 8,
+                             "--eval_batch_size", 16, "--valid_size", 16, "--num_calib_batches", 1, "--hw_list", 32,
+                             "--no_progress", "--data_dir", data, "--output_dir", out, "--student_procs", 2)]
+    cmd = [sys.executable, str(REPO / "train_block_kd.py"), *args]
+    # both students have logged their NSR before training: the processes are in (or entering) their loops
+    code, text, children = _term_when(cmd, lambda t: t.count("before: NSR") == 2)
+    assert code == 143, text
+    assert "passing it on to the 2 student processes" in text and "Traceback" not in text
+    deadline = time.time() + 10  # processes that are exiting (empty cmdline) get a moment to finish
+    while any(_alive(c) for c in children) and time.time() < deadline:
+        time.sleep(0.1)
+    alive = [Path(f"/proc/{c}/cmdline").read_bytes() for c in children if _alive(c)]
+    assert len(children) >= 2 and not alive, alive  # (children: the 2 students + spawn's resource tracker)
+    for b in (0, 1):
+        ck = load_checkpoint(out / "block_kd" / "tiny" / f"stage1_{b}" / "checkpoint.pth")
+        assert ck["epoch"] < 40
+    assert _in_process("train_block_kd", *args, "--resume") == 0
+    for b in (0, 1):
+        assert load_checkpoint(out / "block_kd" / "tiny" / f"stage1_{b}" / "checkpoint.pth")["epoch"] == 40
