@@ -32,9 +32,9 @@ import torch
 
 from modules.checkpoint import atomic_write_text
 from modules.cli import add_common_args, run_main, setup_logging
-from modules.subnet_search import (SubnetEvaluator, SubnetSpace, add_supernet_args, build_eval_batches,
-                                   load_predictor_for, load_supernet_checkpoint, resolve_checkpoint,
-                                   resolve_data, resolve_subnet)
+from modules.subnet_search import (SubnetEvaluator, SubnetSpace, add_supernet_args, build_eval_batches, calib_kwargs,
+                                   load_predictor_for, load_supernet_checkpoint, resolve_checkpoint, resolve_data,
+                                   resolve_subnet)
 
 log = logging.getLogger("eval_supernet")
 
@@ -113,11 +113,9 @@ def eval_acc(args, predictor_platforms: list[str], predictors: dict | None = Non
     data = resolve_data(args, info, log=log.warning)
     image_size = data["image_size"] or max(space.hw_list)
     calib, val, dinfo = build_eval_batches(
-        data["data_dir"], image_size, split=args.split, holdout_size=data["holdout_size"],
-        num_calib_batches=data["num_calib_batches"], calib_batch_size=data["calib_batch_size"],
-        batch_size=args.batch_size, seed=data["data_seed"], workers=args.workers, augment=data["calib_augment"],
-        hflip=data["hflip"],
-        max_eval_images=args.max_eval_images, cache_limit_gb=args.cache_limit_gb, log=log.warning)
+        data["data_dir"], image_size, split=args.split, batch_size=args.batch_size, workers=args.workers,
+        max_eval_images=args.max_eval_images, cache_limit_gb=args.cache_limit_gb, log=log.warning,
+        **calib_kwargs(data))
     log.info("%s (%s): %d %s images, BN calibration on %d train images", info["supernet"], info["quant_mode"],
              dinfo["eval_images"], args.split, dinfo["calib_images"])
     evaluator = SubnetEvaluator(net, calib, val, args.device, args.cache_limit_gb)

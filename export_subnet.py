@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from modules.cli import add_common_args, run_main, setup_logging
-from modules.subnet_search import (SubnetSpace, add_supernet_args, build_calib_batches, load_subnet_checkpoint,
-                                   load_supernet_checkpoint, resolve_checkpoint, resolve_data, resolve_subnet,
-                                   save_subnet_checkpoint)
+from modules.subnet_search import (SubnetSpace, add_supernet_args, build_calib_batches, calib_kwargs,
+                                   load_subnet_checkpoint, load_supernet_checkpoint, resolve_checkpoint, resolve_data,
+                                   resolve_subnet, save_subnet_checkpoint)
 
 log = logging.getLogger("export_subnet")
 
@@ -70,10 +70,8 @@ def main(args) -> dict:
         log.info("BN calibration settings of the search: %s", data)
     image_size = data.get("image_size") or args.image_size or max(space.hw_list)
     if not args.no_calib:
-        calib, _, dinfo = build_calib_batches(data["data_dir"], image_size, holdout_size=data["holdout_size"],
-                                              num_calib_batches=data["num_calib_batches"],
-                                              calib_batch_size=data["calib_batch_size"], seed=data["data_seed"],
-                                              workers=args.workers, augment=data["calib_augment"], hflip=data["hflip"])
+        calib, _, dinfo = build_calib_batches(data["data_dir"], image_size, workers=args.workers,
+                                              **calib_kwargs(data))
         seen = calibrate_bn(net, calib, len(calib), args.device)
         log.info("BN statistics recalibrated on %d training images", seen)
     else:

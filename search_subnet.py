@@ -41,9 +41,9 @@ import torch
 from modules.checkpoint import atomic_write_text
 from modules.cli import add_common_args, nonneg_int, positive_int, run_main, save_run_info, setup_logging
 from modules.subnet_search import (WINDOW_SEED_OFFSET, LatencyOracle, SearchSettings, SubnetEvaluator, SubnetSpace,
-                                   add_supernet_args, build_eval_batches, check_window, load_predictor_for,
-                                   load_supernet_checkpoint, resolve_checkpoint, resolve_data, run_subnet_search,
-                                   sample_in_window, search_root, search_run_dir)
+                                   add_supernet_args, build_eval_batches, calib_kwargs, check_window,
+                                   load_predictor_for, load_supernet_checkpoint, resolve_checkpoint, resolve_data,
+                                   run_subnet_search, sample_in_window, search_root, search_run_dir)
 
 log = logging.getLogger("search_subnet")
 
@@ -227,7 +227,8 @@ def main(args, predictor=None) -> dict:
     space = SubnetSpace(net.choice, net.hw_list)
     lat = LatencyOracle(net, predictor)
     for target in args.latency_constraint:  # fail fast, before loading any data
-        if not (args.resume and (search_run_dir(args.output_dir, encoding, target, args.latency_delta) / "state.json").is_file()):
+        state = search_run_dir(args.output_dir, encoding, target, args.latency_delta) / "state.json"
+        if not (args.resume and state.is_file()):
             check_window(space, lat, target - args.latency_delta, target,
                          random.Random(args.seed + WINDOW_SEED_OFFSET), settings.max_tries, args.latency_predictor)
 
@@ -237,10 +238,8 @@ def main(args, predictor=None) -> dict:
     image_size = data["image_size"] or max(space.hw_list)
     t0 = time.perf_counter()
     calib, holdout, data_info = build_eval_batches(
-        data_dir, image_size, split="holdout", holdout_size=data["holdout_size"],
-        num_calib_batches=data["num_calib_batches"], calib_batch_size=data["calib_batch_size"],
-        batch_size=args.batch_size, seed=data["data_seed"], workers=args.workers, augment=data["calib_augment"],
-        hflip=data["hflip"], cache_limit_gb=args.cache_limit_gb, log=log.warning)
+        data_dir, image_size, split="holdout", batch_size=args.batch_size, workers=args.workers,
+        cache_limit_gb=args.cache_limit_gb, log=log.warning, **calib_kwargs(data))
     log.info("fitness data: %d held-out train images, %d BN-calibration images (%.1f s)",
              data_info["eval_images"], data_info["calib_images"], time.perf_counter() - t0)
     evaluator = SubnetEvaluator(net, calib, holdout, args.device, args.cache_limit_gb)

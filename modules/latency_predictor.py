@@ -725,13 +725,14 @@ class MeasureConfig:
         return st
 
     def time_many(self, fns: dict, min_runs: int | None = None, min_time: float | None = None,
-                  warmup: int | None = None, seed: int = 0) -> dict:
-        """Statistics of each callable over ``rounds`` shuffled rounds (:func:`time_rounds`); per round
-        `min_runs` / `min_time` (default: this config's, split over the rounds)."""
+                  warmup: int | None = None, seed: int = 0, gap: float = 0.0) -> dict:
+        """Statistics of each callable over ``rounds`` shuffled rounds `gap` s apart (:func:`time_rounds`);
+        `min_runs` / `min_time` per callable (default: this config's) are split over the rounds."""
         r = max(self.rounds, 1)
-        return time_rounds(fns, r, max(1, -(-self.min_runs // r)) if min_runs is None else min_runs, self.max_runs,
-                           self.min_time / r if min_time is None else min_time,
-                           self.warmup if warmup is None else warmup, self.clock, seed)
+        min_runs = self.min_runs if min_runs is None else min_runs
+        min_time = self.min_time if min_time is None else min_time
+        return time_rounds(fns, r, max(1, -(-min_runs // r)), self.max_runs, min_time / r,
+                           self.warmup if warmup is None else warmup, self.clock, seed, gap)
 
 
 def measure_block(cfg: dict, platform: str, threads: int = 1, warmup: int = 3, runs: int = 15,
@@ -858,8 +859,7 @@ def measure_model_file(path, platform: str, mc: MeasureConfig | None = None, min
         fn = _session_runner(benchmark.onnx_session(path, mc.threads))
     else:
         fn = _tflite_runner(path, mc)
-    r = max(mc.rounds, 1)
-    st = time_rounds({0: fn}, r, max(1, -(-min_runs // r)), mc.max_runs, min_time / r, warmup, mc.clock, gap=gap)[0]
+    st = mc.time_many({0: fn}, min_runs=min_runs, min_time=min_time, warmup=warmup, gap=gap)[0]
     st.pop("round_min", None)
     return st
 

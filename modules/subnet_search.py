@@ -600,6 +600,14 @@ def add_supernet_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache_limit_gb", type=float, default=4.0, help="memory for cached (resized) batches")
 
 
+def calib_kwargs(data: dict) -> dict:
+    """The BN-calibration / holdout keyword arguments of `build_calib_batches` and `build_eval_batches` from
+    the settings `resolve_data` returns."""
+    return {"holdout_size": data["holdout_size"], "num_calib_batches": data["num_calib_batches"],
+            "calib_batch_size": data["calib_batch_size"], "seed": data["data_seed"],
+            "augment": data["calib_augment"], "hflip": data["hflip"]}
+
+
 DATA_DEFAULTS = {"num_calib_batches": 20, "calib_batch_size": 64, "holdout_size": None, "data_seed": 0}
 
 
