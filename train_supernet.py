@@ -134,6 +134,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("runtime")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    g.add_argument("--channels_last", action=bool_arg, default=False,
+                   help="NHWC memory format for weights and images: on CPU 1.25x faster per step (tiny demo, "
+                        "2 threads: 17.7 -> 14.2 s per epoch)")
     g.add_argument("--deterministic", action=bool_arg, default=False,
                    help="deterministic kernels (bit-exact resume on CPU with a fixed --threads)")
     g.add_argument("--progress", action=bool_arg, default=True, help="tqdm progress bar")
@@ -428,6 +431,8 @@ class Trainer:
             stopped = False
             for images, labels in it:
                 images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+                if args.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
                 loss, kd, stopped = self.train_step(images, labels, stop.requested)
                 self.meters["loss"].update(loss, labels.shape[0])
                 if math.isfinite(kd):
@@ -552,7 +557,7 @@ def main(args: argparse.Namespace) -> int:
         set_quant_mode(model, "lsq", preset)  # creates the LSQ+ parameters: before the optimizer / LSQ checkpoint
     if resume_ckpt is not None:
         load_state_dict_strict(model, resume_ckpt["model"], f"checkpoint {resume_path}")
-    model.to(info.device)
+    model.to(info.device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     broadcast_module(model)
     torch.manual_seed(args.seed * 1_000_003 + info.rank)  # data augmentation differs between ranks
     trainer = Trainer(args, model, loaders, info.device, run, encoding)
