@@ -203,7 +203,9 @@ class Demo:
         self.run("eval_supernet.py", "--mode", "lat", "--supernet", enc, "--subnets", *encodings, "--no_maxmin",
                  "--latency_predictor", self.args.platform, "--latency_table_dir", self.out / "latency",
                  "--measure", "--runs", 200, "--csv", deploy / "latency_check.csv", *self.common())
+        # fidelity of the files exported above (not exported again): top-1 on all val images, rel. error, latency
         self.run("bench/deploy_fidelity.py", "--checkpoint", subnets[-1], "--data_dir", self.data,
+                 "--onnx_dir", deploy / "onnx", "--tflite_dir", deploy / "tflite",
                  "--output_dir", self.out / "reports", "--latency_model", "", "--no_ptq")
         self.run("bench/block_report.py", "--superspace", SUPERSPACE, "--resolution", 64,
                  "--output_dir", self.out / "reports")

@@ -20,6 +20,8 @@ profiled int8 vs fp32 time per block).
 
     python -m bench.deploy_fidelity                                    # trains the demo subnet once (~5 min)
     python -m bench.deploy_fidelity --checkpoint checkpoints/subnets/tiny-...pth --data_dir <ImageFolder>
+    # the files onnx_tools/ and tflite_tools/export_int8_lsq.py wrote for that checkpoint, as deployed
+    python -m bench.deploy_fidelity --checkpoint checkpoints/subnets/tiny-...pth --onnx_dir <dir> --tflite_dir <dir>
 
 Then the INT8 vs FP32 latency of a published subnet at its real size (``--latency_model``, default
 SEQnet@vnni-A0 at 160 px; random weights, scales from random inputs: latency only) exported the same way.
@@ -67,6 +69,9 @@ def get_args_parser():
     p.add_argument("--warmup", type=int, default=30, help="latency warm-up runs (default: %(default)s)")
     p.add_argument("--runs", type=int, default=200, help="timed latency runs (default: %(default)s)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset 13..17 (default: %(default)s)")
+    p.add_argument("--onnx_dir", default=None, help="check the files onnx_tools/export_int8_lsq.py wrote there for "
+                   "--checkpoint (<stem>-lsq_int8.onnx, <stem>-lsq.onnx) instead of exporting again")
+    p.add_argument("--tflite_dir", default=None, help="the same for tflite_tools/export_int8_lsq.py's .tflite files")
     p.add_argument("--no_tflite", action="store_true", help="skip LiteRT")
     p.add_argument("--no_ptq", action="store_true", help="skip the quantize_static rows")
     p.add_argument("--no_inspect", action="store_true", help="skip the per-block inspector report")
@@ -160,6 +165,22 @@ def demo_subnet(args, data_dir: Path):
     print(f"  trained in {time.time() - t0:.0f} s")
     save_subnet_checkpoint(sub, path, data_dir=str(data_dir), fp32_steps=args.fp32_steps, lsq_steps=args.lsq_steps)
     return load_subnet_checkpoint(path), path
+
+
+def exported_files(directory: str, checkpoint: Path, suffix: str, flag: str) -> tuple[Path, Path]:
+    """(int8, fp32) files that an export_int8_lsq tool wrote to `directory` for `checkpoint`: they must exist
+    and be newer than the checkpoint (else they were exported from other weights)."""
+    from modules.export import lsq_checkpoint_stem
+
+    stem = lsq_checkpoint_stem(checkpoint)
+    files = (Path(directory) / f"{stem}_int8{suffix}", Path(directory) / f"{stem}{suffix}")
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{flag} {directory}: {f.name} not found (export {checkpoint} there first, or drop "
+                                    f"{flag} to export here)")
+        if f.stat().st_mtime < checkpoint.stat().st_mtime:
+            raise ValueError(f"{flag} {directory}: {f.name} is older than {checkpoint}: export it again")
+    return files
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -290,6 +311,8 @@ def main(args):
     from modules.subnet_search import load_subnet_checkpoint
 
     torch.set_num_threads(max(1, args.threads))
+    if (args.onnx_dir or args.tflite_dir) and not args.checkpoint:
+        raise ValueError("--onnx_dir / --tflite_dir hold the exports of a --checkpoint: give it")
     out = Path(args.output_dir)
     data_dir = prepare_default_data(args.data_dir or DEFAULT_DATA_DIR)
     if args.checkpoint:
@@ -298,6 +321,8 @@ def main(args):
         model, ckpt_path = demo_subnet(args, data_dir)
     preset = deploy.model_preset(model)
     res = args.resolution or model.resolution
+    if (args.onnx_dir or args.tflite_dir) and res != model.resolution:
+        raise ValueError(f"--resolution {res}: the exported files take the subnet's {model.resolution} px")
     model.eval()
     val = build_dataset(data_dir, "val", train=False, image_size=res)
     n = len(val) if args.max_val is None else min(args.max_val, len(val))
@@ -314,8 +339,11 @@ def main(args):
 
     mdir = out / "deploy_models"
     stem = ckpt_path.stem
-    f_int8 = deploy.export_onnx_int8(model, mdir / f"{stem}_int8.onnx", res, opset=args.opset)
-    f_fp32 = deploy.export_onnx_fp32(model, mdir / f"{stem}.onnx", res, opset=args.opset)
+    if args.onnx_dir:
+        f_int8, f_fp32 = exported_files(args.onnx_dir, ckpt_path, ".onnx", "--onnx_dir")
+    else:
+        f_int8 = deploy.export_onnx_int8(model, mdir / f"{stem}_int8.onnx", res, opset=args.opset)
+        f_fp32 = deploy.export_onnx_fp32(model, mdir / f"{stem}.onnx", res, opset=args.opset)
     runners = {"ort32": _ort_runner(f_fp32, args.threads), "ort8": _ort_runner(f_int8, args.threads)}
     precise = deploy.ort_precise_default()
     rows.append(_row("learned scales (ours)" + (", x64quantprecision" if precise else ""), "onnxruntime",
@@ -342,8 +370,11 @@ def main(args):
                          deploy.run_onnx_batch(f_ptq, x), labels, ref, top1_ref, "ptq", "ort32", f_ptq))
         runners.update(orig=_ort_runner(f_orig, args.threads), ptq=_ort_runner(f_ptq, args.threads))
     if not args.no_tflite:
-        t_int8 = deploy.export_tflite_int8(model, mdir / f"{stem}_int8.tflite", res)
-        t_fp32 = deploy.export_tflite_fp32(model, mdir / f"{stem}.tflite", res)
+        if args.tflite_dir:
+            t_int8, t_fp32 = exported_files(args.tflite_dir, ckpt_path, ".tflite", "--tflite_dir")
+        else:
+            t_int8 = deploy.export_tflite_int8(model, mdir / f"{stem}_int8.tflite", res)
+            t_fp32 = deploy.export_tflite_fp32(model, mdir / f"{stem}.tflite", res)
         rows.append(_row("learned scales (ours)", "litert", deploy.run_tflite_batch(t_int8, x), labels, ref, top1_ref,
                          "tfl8", "tfl32", t_int8))
         rows.append(_row("fp32", "litert", deploy.run_tflite_batch(t_fp32, x), labels, ref, top1_ref, "tfl32",

@@ -45,7 +45,7 @@ from torch import nn
 __all__ = [
     "RandomCalibrationWarning", "export_onnx", "quantize_onnx_int8", "export_tflite",
     "random_calib", "calib_from_loader", "calib_loader_from_dir", "InputEntry", "read_input_csv",
-    "parse_input_line", "collect_entries", "named_model_entry", "model_file_stem",
+    "parse_input_line", "collect_entries", "named_model_entry", "model_file_stem", "lsq_checkpoint_stem",
     "build_model_from_encoding", "LITERT_INSTALL_HINT", "cpu_has_vnni",
 ]
 
@@ -527,6 +527,12 @@ class InputEntry:
     @property
     def resolution(self) -> int:
         return int(self.subnet.rsplit("_r", 1)[1])
+
+
+def lsq_checkpoint_stem(checkpoint: str | os.PathLike) -> str:
+    """File stem of the exports of a standalone LSQ+ subnet checkpoint: ``<checkpoint stem>-lsq``; add
+    ``_int8.onnx`` / ``.onnx`` / ``_int8.tflite`` / ``.tflite``."""
+    return f"{Path(checkpoint).stem}-lsq"
 
 
 def model_file_stem(superspace: str, choice: str, subnet: str) -> str:

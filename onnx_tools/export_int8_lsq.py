@@ -49,7 +49,7 @@ def add_lsq_model_args(p: argparse.ArgumentParser) -> None:
 def load_lsq_models(args):
     """Yield (file stem, eval-mode LSQ+ model) for the script's model sources."""
     from modules.deploy import model_preset
-    from modules.export import model_file_stem
+    from modules.export import lsq_checkpoint_stem, model_file_stem
     from modules.subnet_search import load_subnet_checkpoint
 
     if not args.checkpoints and not args.supernet_checkpoint:
@@ -61,7 +61,7 @@ def load_lsq_models(args):
             raise FileNotFoundError(f"subnet checkpoint {path} not found")
         model = load_subnet_checkpoint(path)
         model_preset(model)
-        yield f"{Path(path).stem}-lsq", model
+        yield lsq_checkpoint_stem(path), model
     if args.supernet_checkpoint:
         from modules.export import named_model_entry
         from modules.subnet_search import SubnetSpace, load_supernet_checkpoint, resolve_subnet

@@ -328,16 +328,18 @@ def test_fused_weight_matches_reference_chain(dtype, per_channel, g, case):
 
 
 @pytest.mark.parametrize("encoding, preset", [("tiny-012345-000000", "ort"), ("tiny-100005-012120", "original")])
-def test_fused_supernet_gradients_match_reference_chain(encoding, preset, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_supernet_gradients_match_reference_chain(encoding, preset, dtype, monkeypatch):
     """A whole LSQ+ supernet (every block family; unsigned / max_value constraints, TensorQuantizers, sliced
     per-channel scales of a smaller subnet): the same loss and gradients with the fused nodes as with the
-    reference chains patched in wherever modules imported them."""
+    reference chains patched in wherever modules imported them. float32 runs the training hot path (scalars on
+    the host); float64 checks the closed-form gradients tightly, free of float32 summation order."""
     import sys
     from modules.engine import init_lsq_scales
     from modules.supernet import supernet_from_encoding
     torch.manual_seed(15)
-    net = set_quant_mode(supernet_from_encoding(encoding), "lsq", preset).train()
-    x = torch.randn(2, 3, 32, 32)
+    net = set_quant_mode(supernet_from_encoding(encoding), "lsq", preset).to(dtype).train()
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
     net.set_max_subnet()
     init_lsq_scales(net, x)
     net.sample_active_subnet(__import__("random").Random(0))
@@ -357,10 +359,14 @@ def test_fused_supernet_gradients_match_reference_chain(encoding, preset, monkey
     (loss_f, grads_f), (loss_r, grads_r) = results
     assert loss_f == loss_r  # bit-identical forward
     assert grads_f.keys() == grads_r.keys() and any("scale" in n for n in grads_f)
-    # float32 sums in another order (up to ~2e-4 relative for a scale); the chains leave ~1e-11 where the truth is 0
+    # float32: sums in another order move a scale's gradient by up to ~2e-4 relative, and by more where its
+    # terms cancel (1.5 % of a scale gradient 400x smaller than the largest one, seen on an AVX-512 CPU);
+    # the chains leave ~1e-11 where the truth is 0
+    rel, floor = (1e-3, 1e-5) if dtype == torch.float32 else (1e-9, 1e-12)
+    largest = max(float(g.abs().max()) for g in grads_r.values())
     for n, ref in grads_r.items():
         diff = float((grads_f[n] - ref).abs().max())
-        assert diff <= 1e-3 * float(ref.abs().max()) + 1e-8, (n, diff, float(ref.abs().max()))
+        assert diff <= rel * float(ref.abs().max()) + floor * largest, (n, diff, float(ref.abs().max()))
 
 
 def test_traced_quantizers_use_the_reference_chain():
