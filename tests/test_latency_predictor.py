@@ -294,6 +294,27 @@ def test_regressor_recovers_a_linear_cost_model():
     assert np.median(err) < 0.05 and err.max() < 0.5, err
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_flat_forest_predicts_what_sklearn_predicts(seed):
+    """FlatForest: scikit-learn's values, including rows whose features sit exactly on a split threshold (the
+    trees compare float32 features) and integer-valued features like the block type and sizes."""
+    from sklearn.ensemble import RandomForestRegressor
+
+    rng = np.random.default_rng(seed)
+    X = np.hstack([rng.integers(0, 6, (300, 2)).astype(np.float64), rng.standard_normal((300, 3)) * 1e3,
+                   rng.random((300, 2)) / 3])  # /3: most values are not representable in float32
+    y = np.sin(X[:, 2] / 300) + X[:, 0] * 0.3 + rng.standard_normal(300) * 0.1
+    forest = RandomForestRegressor(20, min_samples_leaf=2, random_state=seed).fit(X, y)
+    flat = lp.FlatForest(forest)
+    t = forest.estimators_[0].tree_
+    on_split = X[:40].copy()
+    for i, node in enumerate(np.flatnonzero(t.children_left >= 0)[:40]):
+        on_split[i, t.feature[node]] = t.threshold[node]
+    Q = np.vstack([X, rng.standard_normal((200, 7)) * 500, on_split])
+    np.testing.assert_allclose(flat.predict(Q), forest.predict(Q), rtol=1e-12, atol=1e-12)
+    assert flat.predict(Q[:1]).shape == (1,)
+
+
 def test_fixed_blocks_cover_every_subnet():
     rng = random.Random(4)
     keys = {block_key(c) for c in lp.fixed_block_configs("tiny")}
