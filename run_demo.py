@@ -48,16 +48,17 @@ class Demo:
         self.timings: dict[str, float] = {}
 
     # ---------------------------------------------------------------- helpers
-    def run(self, script: str, *argv) -> None:
+    def run(self, script: str, *argv, ok_codes: tuple[int, ...] = (0,)) -> int:
         cmd = [sys.executable, str(REPO / script), *map(str, argv)]
         if self.args.debug:
             cmd.append("--debug")
         print("\n$ " + " ".join(cmd[1:]), flush=True)
         t = time.time()
         rc = subprocess.call(cmd, cwd=REPO)
-        if rc != 0:
+        if rc not in ok_codes:
             raise SystemExit(f"error: stage command failed with exit code {rc}: {' '.join(cmd[1:])}")
         print(f"[demo] {script}: {time.time() - t:.1f} s", flush=True)
+        return rc
 
     def common(self):
         return ["--output_dir", self.out, "--seed", self.args.seed]
@@ -204,9 +205,11 @@ class Demo:
                  "--latency_predictor", self.args.platform, "--latency_table_dir", self.out / "latency",
                  "--measure", "--runs", 200, "--csv", deploy / "latency_check.csv", *self.common())
         # fidelity of the files exported above (not exported again): top-1 on all val images, rel. error, latency
-        self.run("bench/deploy_fidelity.py", "--checkpoint", subnets[-1], "--data_dir", self.data,
-                 "--onnx_dir", deploy / "onnx", "--tflite_dir", deploy / "tflite",
-                 "--output_dir", self.out / "reports", "--latency_model", "", "--no_ptq")
+        # (exit code 1: a fidelity goal missed; the report shows it, the demo goes on)
+        if self.run("bench/deploy_fidelity.py", "--checkpoint", subnets[-1], "--data_dir", self.data,
+                    "--onnx_dir", deploy / "onnx", "--tflite_dir", deploy / "tflite",
+                    "--output_dir", self.out / "reports", "--latency_model", "", "--no_ptq", ok_codes=(0, 1)):
+            print("[demo] warning: a deployment fidelity goal was missed; see the report", flush=True)
         self.run("bench/block_report.py", "--superspace", SUPERSPACE, "--resolution", 64,
                  "--output_dir", self.out / "reports")
 

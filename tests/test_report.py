@@ -66,3 +66,17 @@ def test_report_is_written_atomically_and_a_missing_dir_is_one_error(run, tmp_pa
     assert not list(run.glob("*.tmp"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         make_report.main(make_report.get_args_parser().parse_args(["--output_dir", str(tmp_path / "nope")]))
+
+
+def test_fidelity_section_gives_each_runtime_its_verdict(run):
+    fields = ["variant", "runtime", "top1", "delta_top1", "rel_err", "argmax_agree", "latency_ms", "speedup", "file"]
+    rows = [["fake-quant (reference)", "torch", "91.92", "+0.00", "0.0000", "100.00", "", "", ""],
+            ["learned scales (ours)", "onnxruntime", "91.36", "-0.56", "0.0096", "99.44", "0.619", "2.18", "a.onnx"],
+            ["learned scales (ours)", "litert", "91.36", "-0.56", "0.0097", "99.44", "0.386", "3.65", "a.tflite"]]
+    (run / "reports").mkdir()
+    with open(run / "reports" / "deploy_fidelity.csv", "w", newline="") as f:
+        csv.writer(f).writerows([fields, *rows])
+    section = make_report.build_report(run, "tiny").split("## Deployment fidelity")[1]
+    assert "| learned scales (ours) | onnxruntime | 91.36 | -0.56 |" in section
+    assert "- onnxruntime: |delta top-1| = 0.56 points (goal <= 0.5): FAIL" in section
+    assert "- litert: |delta top-1| = 0.56 points (goal <= 1.0): PASS" in section
