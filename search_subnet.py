@@ -191,7 +191,8 @@ def plot_pareto(outcomes: list, path: Path, platform: str, baselines: dict | Non
             ax.scatter([r["latency_ms"] for r in bl], [r["fitness"] for r in bl], marker="x", color="k", s=20,
                        label="random in window" if i == 0 else None)
     if outcomes and len(outcomes[0].evo.history) > 1:
-        fig.colorbar(sc, ax=ax, label="iteration")
+        from matplotlib.ticker import MaxNLocator
+        fig.colorbar(sc, ax=ax, label="iteration", ticks=MaxNLocator(integer=True))
     ax.set_xlabel(f"predicted latency (ms, {platform})")
     ax.set_ylabel("held-out top-1 (%)")
     ax.set_title("subnet search: accuracy vs latency")

@@ -300,6 +300,7 @@ def plot_curves(path, rows: list[dict], title: str = "") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     from modules.checkpoint import atomic_write_bytes
     import io
     fig, ax1 = plt.subplots(figsize=(7, 4))
@@ -309,6 +310,7 @@ def plot_curves(path, rows: list[dict], title: str = "") -> None:
         if any(y is not None for y in ys):
             ax1.plot(ep, [float("nan") if y is None else y for y in ys], style, color="tab:blue", label=key)
     ax1.set_xlabel("epoch")
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))  # no "1.2" epochs on short runs
     ax1.set_ylabel("train loss", color="tab:blue")
     ax2 = ax1.twinx()
     for key, color in (("max_acc", "tab:red"), ("min_acc", "tab:orange")):
