@@ -212,10 +212,10 @@ def build_report(out: Path, superspace: str) -> str:
         csv_path = out / "reports" / "deploy_fidelity.csv"
         if not csv_path.is_file():
             raise FileNotFoundError(csv_path)
-        from bench.deploy_fidelity import verdict_lines
+        from bench.deploy_fidelity import verdict_line, verdicts
 
         rows = _csv_rows(csv_path)
-        return _md_table(rows) + "\n" + "".join(f"- {line}\n" for line in verdict_lines(rows))
+        return _md_table(rows) + "\n" + "".join(f"- {verdict_line(*v)}\n" for v in verdicts(rows))
 
     parts.append(section("Deployment fidelity (learned LSQ+ scales in real INT8)", fidelity, "bench/deploy_fidelity.py"))
     return "\n".join(parts)

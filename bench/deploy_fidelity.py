@@ -184,18 +184,20 @@ def exported_files(directory: str, checkpoint: Path, suffix: str, flag: str) -> 
     return files
 
 
-def verdict_lines(rows: list[dict], num_images: int | None = None) -> list[str]:
-    """One "<runtime>: |delta top-1| = x points (goal <= g): PASS|FAIL" line per runtime of GOALS in `rows`
-    (deploy_fidelity.csv rows)."""
-    lines = []
+def verdicts(rows: list[dict]) -> list[tuple[str, float, float, bool]]:
+    """(runtime, |delta top-1|, goal, met) per runtime of GOALS found in `rows` (deploy_fidelity.csv rows)."""
+    out = []
     for runtime, goal in GOALS.items():
         r = next((r for r in rows if r["runtime"] == runtime and r["variant"].startswith("learned scales (ours)")), None)
         if r is not None:
             delta = abs(float(r["delta_top1"]))
-            per_image = f"; one of {num_images} images is {100 / num_images:.2f}" if num_images else ""
-            lines.append(f"{runtime}: |delta top-1| = {delta:.2f} points (goal <= {goal}{per_image}): "
-                         f"{'PASS' if delta <= goal else 'FAIL'}")
-    return lines
+            out.append((runtime, delta, goal, delta <= goal))
+    return out
+
+
+def verdict_line(runtime: str, delta: float, goal: float, met: bool, num_images: int | None = None) -> str:
+    per_image = f"; one of {num_images} images is {100 / num_images:.2f}" if num_images else ""
+    return f"{runtime}: |delta top-1| = {delta:.2f} points (goal <= {goal}{per_image}): {'PASS' if met else 'FAIL'}"
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -404,9 +406,10 @@ def main(args):
     _write_csv(out / "deploy_fidelity.csv", rows, FIELDS)
     (out / "deploy_fidelity.md").write_text(f"model {ckpt_path}, {n} val images, resolution {res}, "
                                             f"{args.threads} thread(s)\n\n{table}\n")
-    lines = verdict_lines(rows, n)
-    print("\n".join(lines))
-    verdict = int(any(line.endswith("FAIL") for line in lines))
+    checks = verdicts(rows)
+    for v in checks:
+        print(verdict_line(*v, num_images=n))
+    verdict = int(not all(met for *_, met in checks))
     print(f"wrote {out / 'deploy_fidelity.csv'} and {out / 'deploy_fidelity.md'}")
     inspect = [(f_int8, f_fp32, out / "deploy_inspect.csv")]
     if args.latency_model:

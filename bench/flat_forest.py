@@ -31,7 +31,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--table_dir", default=None, help="a measured latency table dir (default: a synthetic fit)")
     p.add_argument("--platform", default="ort_int8")
     p.add_argument("--supernet", default="tiny-510155-002011")
-    p.add_argument("--subnets", type=int, default=1000, help="random subnets per mode (default: %(default)s)")
+    p.add_argument("--subnets", type=int, default=1000, help="random subnets (with --table_dir; default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -51,6 +51,12 @@ def _synthetic_regressor(seed: int):
     ms = [1e-3 * (c["hw"] ** 2) * c["cin"] * c["cout"] * c["kernel"] ** 2 / 1e5 * nrng.lognormal(0, 0.1) + 0.005
           for c in cfgs]
     return lp.BlockRegressor().fit(cfgs, ms), cfgs
+
+
+def _forest_rows(reg, cfgs: list[dict]) -> np.ndarray:
+    """The forest's input rows for block configs (what BlockRegressor.predict_many feeds it)."""
+    F = np.stack([lp.block_features(c) for c in cfgs])
+    return reg._forest_x(cfgs, F, reg._linear(cfgs, F))
 
 
 def _time(fn, repeat: int) -> float:
@@ -73,8 +79,7 @@ def main(args) -> int:
         reg, cfgs = _synthetic_regressor(args.seed)
     if reg.forest is None:
         raise SystemExit("error: the regressor has no forest (too few measured blocks)")
-    X = reg._forest_x(cfgs, np.stack([lp.block_features(c) for c in cfgs]), reg._linear(cfgs, np.stack(
-        [lp.block_features(c) for c in cfgs])))
+    X = _forest_rows(reg, cfgs)
     a, b = reg.forest.predict(X), reg.flat_forest.predict(X)
     print(f"{len(reg.forest.estimators_)} trees, depth {reg.flat_forest.depth}; max |sklearn - flat| on {len(X)} "
           f"rows: {np.abs(a - b).max():.2e}")
@@ -92,8 +97,7 @@ def main(args) -> int:
             net.set_active_subnet(space.random(rng))
             miss = [c for c in net.block_configs() if lp.block_key(c) not in pred.table]
             if miss:
-                F = np.stack([lp.block_features(c) for c in miss])
-                batches.append(reg._forest_x(miss, F, reg._linear(miss, F)))
+                batches.append(_forest_rows(reg, miss))
         t_sk = _time(lambda: [reg.forest.predict(x) for x in batches], 1) / args.subnets
         t_fl = _time(lambda: [reg.flat_forest.predict(x) for x in batches], 1) / args.subnets
         print(f"forest per random subnet ({len(batches)} of {args.subnets} miss table blocks): sklearn {t_sk:.3f} ms, "
