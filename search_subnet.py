@@ -21,7 +21,8 @@ with the supernet's latency range. `--random_baseline N` also scores N random in
 Outputs per target, under ``<output_dir>/search_subnet/<supernet>/c<c>_d<d>/``: ``history.csv`` (every
 evaluated subnet: index, iteration, subnet, predicted latency, fitness), ``best.json`` (the best subnet and the
 data settings; usable by ``build_from_config`` and by ``export_subnet.py --subnet best.json``), ``top.csv``
-(top subnets with val top-1), ``pareto.png`` (accuracy vs latency), ``state.json`` (for ``--resume``).
+(top subnets with val top-1), ``pareto.png`` (accuracy vs latency), ``state.json`` (for ``--resume``),
+``eval_cache.json`` (scores of the top subnets on val and of the random baseline: not evaluated again).
 """
 from __future__ import annotations
 
@@ -116,6 +117,32 @@ def predictor_fingerprint(predictor) -> str:
     path = getattr(predictor, "table_path", None)
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path and Path(path).is_file() else "-"
     return f"{type(predictor).__name__}:{getattr(predictor, 'platform', '')}:{digest}"
+
+
+class EvalCache:
+    """Held-out and val top-1 of the subnets scored after the evolution (top `--eval_top` on val, the random
+    baseline), kept in ``<run_dir>/eval_cache.json`` so that a resumed or repeated run does not evaluate them
+    again. Keyed by the data settings and the checkpoint file (path, size, mtime): any change starts afresh."""
+
+    def __init__(self, path: Path, config: dict):
+        self.path, self.config = path, json.loads(json.dumps(config))
+        self.tables: dict[str, dict[str, float]] = {"holdout": {}, "val": {}}
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("config") == self.config:
+                self.tables = {k: dict(saved.get(k, {})) for k in self.tables}
+            else:
+                log.info("%s: data or checkpoint changed, its scores are not reused", path)
+        self.hits = 0
+
+    def get(self, table: str, key: str, evaluate) -> float:
+        values = self.tables[table]
+        if key in values:
+            self.hits += 1
+            return values[key]
+        values[key] = float(evaluate())
+        atomic_write_text(self.path, json.dumps({"config": self.config, **self.tables}, indent=1) + "\n")
+        return values[key]
 
 
 def _csv(header, rows) -> str:
@@ -256,6 +283,8 @@ def main(args, predictor=None) -> dict:
             val_evaluator = SubnetEvaluator(net, calib, val, args.device, args.cache_limit_gb)
         return val_evaluator
 
+    st = Path(ckpt_path).stat()
+    ckpt_stat = [st.st_size, st.st_mtime_ns]
     data_config = dict(data, checkpoint=str(Path(ckpt_path).resolve()), data_dir=str(Path(data_dir).resolve()),
                        image_size=image_size, holdout_size=data_info["holdout_size"])
     run_config = dict(data_config, predictor=predictor_fingerprint(predictor))
@@ -265,8 +294,9 @@ def main(args, predictor=None) -> dict:
         run_dir = search_run_dir(args.output_dir, encoding, target, args.latency_delta)
         run_dir.mkdir(parents=True, exist_ok=True)
         state = run_dir / "state.json"
-        if args.fresh and state.exists():
-            state.unlink()
+        if args.fresh:
+            for f in (state, run_dir / "eval_cache.json"):
+                f.unlink(missing_ok=True)
         log.info("target %g ms, window [%g, %g] ms (%s): population %d, %d iterations, %d parents, %d mutations + "
                  "%d crossovers", target, target - args.latency_delta, target, args.latency_predictor,
                  settings.population, settings.iterations, settings.parent_size, settings.num_mutations,
@@ -286,11 +316,11 @@ def main(args, predictor=None) -> dict:
         if outcome.evo.stop_reason:
             log.warning("target %g ms: search stopped early: %s", target, outcome.evo.stop_reason)
         top_rows = []
+        scores = EvalCache(run_dir / "eval_cache.json", dict(data_config, checkpoint_stat=ckpt_stat))
         if args.eval_top:
-            ve = val_eval()
             for r in outcome.evo.best(args.eval_top):
                 top_rows.append({"subnet": r.key, "latency_ms": r.info["latency"], "fitness": r.score,
-                                 "val_top1": ve(r.key)})
+                                 "val_top1": scores.get("val", r.key, lambda: val_eval()(r.key))})
             log.info("top %d on val: best subnet %.2f %%", len(top_rows), top_rows[0]["val_top1"])
         if args.random_baseline:
             rng = random.Random(args.seed + 104729)
@@ -301,8 +331,9 @@ def main(args, predictor=None) -> dict:
                 key = str(cfg)
                 acc = fitness_cache.get(key)
                 if acc is None:
-                    acc = fitness_cache[key] = evaluator(cfg)
-                rows.append({"subnet": key, "latency_ms": lat(cfg), "fitness": acc, "val_top1": val_eval()(key)})
+                    acc = fitness_cache[key] = scores.get("holdout", key, lambda: evaluator(cfg))
+                rows.append({"subnet": key, "latency_ms": lat(cfg), "fitness": acc,
+                             "val_top1": scores.get("val", key, lambda: val_eval()(key))})
             baselines[target] = rows
             atomic_write_text(run_dir / "random_baseline.csv", _csv(
                 ["subnet", "latency_ms", "holdout_top1", "val_top1"],
@@ -310,6 +341,8 @@ def main(args, predictor=None) -> dict:
                  for r in rows]))
             med = statistics.median(r["val_top1"] for r in rows) if rows else float("nan")
             log.info("random baseline: %d in-window subnets, median val top-1 %.2f %%", len(rows), med)
+        if scores.hits:
+            log.info("%d score(s) reused from %s", scores.hits, scores.path)
         res = write_outputs(outcome, run_dir, net_info, args.latency_predictor, top_rows, data_config)
         if args.random_baseline:
             res["random_baseline_val_median"] = med

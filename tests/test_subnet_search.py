@@ -291,3 +291,39 @@ def test_data_defaults_follow_the_supernet_training(env, tmp_path):
                                                        "--data_seed", "3", "--data_dir", str(env["data"])])
     d = resolve_data(args, info, saved={"holdout_size": 99, "num_calib_batches": 4})
     assert (d["holdout_size"], d["num_calib_batches"]) == (10, 4)  # flag > saved search settings > training
+
+
+def test_rerun_reuses_the_val_and_baseline_scores(env, monkeypatch):
+    """--resume after a finished search: the evolution is restored and the top-k val scores and the random
+    baseline come from eval_cache.json (no evaluation at all); a rewritten checkpoint invalidates them."""
+    import os
+
+    import search_subnet
+    from modules import subnet_search
+
+    out = env["root"] / "run_cache"
+    _copy_ckpts(env, out)
+    argv = ("--random_baseline", "3", "--eval_top", "2", "--resume")
+    search_subnet.main(_args(env, out, *argv), predictor=FakePredictor())
+    run = out / "search_subnet" / ENC / "c0.9_d0.5"
+    first = {n: (run / n).read_text() for n in ("random_baseline.csv", "top.csv")}
+    cache = json.loads((run / "eval_cache.json").read_text())
+    assert len(cache["val"]) >= 3 and cache["holdout"]
+
+    calls = {"n": 0}
+    orig = subnet_search.SubnetEvaluator.__call__
+
+    def counting(self, cfg):
+        calls["n"] += 1
+        return orig(self, cfg)
+
+    monkeypatch.setattr(subnet_search.SubnetEvaluator, "__call__", counting)
+    search_subnet.main(_args(env, out, *argv), predictor=FakePredictor())
+    assert calls["n"] == 0
+    assert {n: (run / n).read_text() for n in first} == first
+
+    ckpt = next((out / "supernet_training").rglob("checkpoint.pth"))
+    os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 10**9))
+    search_subnet.main(_args(env, out, *argv), predictor=FakePredictor())
+    assert calls["n"] >= 3  # the baseline and the top subnets scored again
+    assert {n: (run / n).read_text() for n in first} == first  # same weights: same scores
