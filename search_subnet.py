@@ -128,7 +128,10 @@ class EvalCache:
         self.path, self.config = path, json.loads(json.dumps(config))
         self.tables: dict[str, dict[str, float]] = {"holdout": {}, "val": {}}
         if path.is_file():
-            saved = json.loads(path.read_text())
+            try:
+                saved = json.loads(path.read_text())
+            except ValueError as e:
+                raise ValueError(f"{path} is not a valid score cache ({e}); delete it or rerun with --fresh") from e
             if saved.get("config") == self.config:
                 self.tables = {k: dict(saved.get(k, {})) for k in self.tables}
             else:

@@ -327,3 +327,7 @@ def test_rerun_reuses_the_val_and_baseline_scores(env, monkeypatch):
     search_subnet.main(_args(env, out, *argv), predictor=FakePredictor())
     assert calls["n"] >= 3  # the baseline and the top subnets scored again
     assert {n: (run / n).read_text() for n in first} == first  # same weights: same scores
+
+    (run / "eval_cache.json").write_text("{not json")
+    with pytest.raises(ValueError, match="eval_cache.json is not a valid score cache"):
+        search_subnet.main(_args(env, out, *argv), predictor=FakePredictor())
