@@ -75,7 +75,10 @@ class DynamicStage(nn.Module):
 
 class SuperNet(nn.Module):
     def __init__(self, choice: SupernetChoice, num_classes: int | None = None, dropout: float = 0.0,
-                 subnet: SubnetConfig | None = None):
+                 subnet: SubnetConfig | None = None, original_sizes: bool = False):
+        """`original_sizes`: size each stage's first block for the previous stage's whole width list rather than
+        its window, as the original SpaceEvo code does (the extra channels are never used); `modules.original`
+        builds one to know the tensor shapes of the original's checkpoints."""
         super().__init__()
         self.choice, self.space = choice, choice.space
         self.num_classes = num_classes or self.space.num_classes
@@ -88,7 +91,7 @@ class SuperNet(nn.Module):
             spec, stage, window = choice.stage_spec(name)
             if fixed is None:
                 stages.append(DynamicStage(spec, in_list, window, stage.depth_list, stage.stride))
-                in_list = window
+                in_list = stage.width_list if original_sizes else window
             else:
                 stages.append(DynamicStage.from_blocks(spec, in_list[0], fixed, stage.stride))
                 in_list = (fixed[-1][1],)
