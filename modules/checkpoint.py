@@ -83,15 +83,19 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 
 # --------------------------------------------------------------------------- loading
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """``torch.load(path, weights_only=True)`` with one clear error for a missing or corrupted file."""
+    """``torch.load(path, weights_only=True)`` with one clear error for a missing or corrupted file (the original
+    SpaceEvo's checkpoints included)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if not path.is_file():
         raise ValueError(f"checkpoint {path} is not a file")
+    from modules.original import PICKLED_CLASSES
+
     try:
-        # argparse.Namespace is allowed so that checkpoints whose "args" is a Namespace still load.
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        # argparse.Namespace is allowed so that checkpoints whose "args" is a Namespace still load; the original
+        # SpaceEvo's checkpoints pickle a config object of their own, read back as a plain mapping.
+        with torch.serialization.safe_globals([argparse.Namespace, *PICKLED_CLASSES]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))

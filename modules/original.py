@@ -22,6 +22,8 @@ original's rule: an op counts as initialised when any of its scalars differs fro
 """
 from __future__ import annotations
 
+import re
+from collections import OrderedDict
 from typing import Mapping
 
 import torch
@@ -121,6 +123,37 @@ def _conv_bn_shapes(prefix: str, cin: int, cout: int) -> list[tuple[str, tuple]]
     shapes += [(f"{prefix}conv.{s}", (1,)) for s in _INITIAL_SCALARS]
     shapes += [(f"{prefix}norm.{k}", (cout,)) for k in _BN_KEYS[:4]]
     return shapes + [(f"{prefix}norm.num_batches_tracked", ())]
+
+
+class _OriginalConfig:
+    """Stands in for the config object the original pickles into its checkpoints (``args``, a dict subclass of its
+    own): rebuilt as an OrderedDict, so `torch.load(weights_only=True)` reads the file without the original's code."""
+
+    def __new__(cls, *args):
+        return OrderedDict()
+
+
+# (stand-in, the original's class path) pairs for torch.serialization.safe_globals
+PICKLED_CLASSES = [(_OriginalConfig, f"modules.alphanet_training.utils.config.{name}") for name in ("Config", "AttrDict")]
+
+
+def supernet_from_dir_name(name: str) -> str | None:
+    """The supernet encoding the original's run directory names: ``onnxw-151122-023231-align0`` (its training
+    runs) or ``spaceevo@vnni`` (its released checkpoints); None for any other name."""
+    from modules.named_models import get_named_model, model_names
+
+    if name in model_names():
+        return get_named_model(name).supernet
+    m = re.fullmatch(r"(\w+-\d{6}(?:-\d{6})?)-align[01]", name)
+    return m.group(1) if m else None
+
+
+def original_dir_names(encoding: str) -> list[str]:
+    """Directory names under which the original keeps this supernet's checkpoints (for lookups)."""
+    from modules.named_models import get_named_model, model_names
+
+    names = [n for n in model_names() if get_named_model(n).kind == "supernet" and get_named_model(n).supernet == encoding]
+    return names + [f"{encoding}-align0", f"{encoding}-align1"]
 
 
 def is_original_state(state: Mapping[str, object]) -> bool:

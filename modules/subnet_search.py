@@ -473,17 +473,23 @@ def run_subnet_search(space: SubnetSpace, lat: LatencyOracle, evaluator: Callabl
 
 # ------------------------------------------------------------------------------------------ supernet checkpoints
 def find_supernet_checkpoint(output_dir: str | os.PathLike, encoding: str, quant_mode: str = "lsq") -> Path:
-    """`<output_dir>/supernet_training/<encoding>/{checkpoint,lsq}.pth` (lsq.pth for quant_mode "lsq")."""
+    """`<output_dir>/supernet_training/<encoding>/{checkpoint,lsq}.pth` (lsq.pth for quant_mode "lsq"); the
+    original SpaceEvo's directory names for the supernet (``spaceevo@vnni``, ``<encoding>-align0``) are looked in
+    too, so its released and trained checkpoints are found where it put them."""
+    from modules.original import original_dir_names
+
     if quant_mode not in ("fp32", "lsq"):
         raise ValueError(f"quant mode {quant_mode!r}: expected fp32 or lsq")
     name = "lsq.pth" if quant_mode == "lsq" else "checkpoint.pth"
-    path = Path(output_dir) / "supernet_training" / encoding / name
-    if not path.is_file():
-        other = path.with_name("checkpoint.pth" if quant_mode == "lsq" else "lsq.pth")
-        hint = f" ({other.name} exists there: use --quant_mode {'fp32' if quant_mode == 'lsq' else 'lsq'})" \
-            if other.is_file() else " (train it with train_supernet.py, or give --checkpoint)"
-        raise FileNotFoundError(f"supernet checkpoint {path} does not exist{hint}")
-    return path
+    root = Path(output_dir) / "supernet_training"
+    for d in [encoding, *original_dir_names(encoding)]:
+        if (root / d / name).is_file():
+            return root / d / name
+    path = root / encoding / name
+    other = path.with_name("checkpoint.pth" if quant_mode == "lsq" else "lsq.pth")
+    hint = f" ({other.name} exists there: use --quant_mode {'fp32' if quant_mode == 'lsq' else 'lsq'})" \
+        if other.is_file() else " (train it with train_supernet.py, or give --checkpoint)"
+    raise FileNotFoundError(f"supernet checkpoint {path} does not exist{hint}")
 
 
 def _ckpt_meta(ckpt: dict, *names: str):
@@ -516,30 +522,46 @@ def _state_quant(state: dict) -> tuple[str, str | None]:
     return "lsq", ("ort" if any(v.numel() > 1 for v in w_scales) else "original")
 
 
-def load_supernet_checkpoint(path: str | os.PathLike, encoding: str | None = None, device="cpu",
-                             log: Callable[[str], None] | None = None):
-    """(SuperNet in eval mode with the checkpoint's weights, quant mode and preset; info dict).
+def _encoding_of(ckpt: dict, path: Path, encoding: str | None, *meta: str) -> SupernetChoice:
+    """The supernet of a checkpoint: `encoding`, else the checkpoint's own record (`meta` keys, top level or in
+    ``args``), else its directory's name (ours: the encoding; the original's: ``spaceevo@vnni``, ``...-align0``)."""
+    from modules.original import supernet_from_dir_name
 
-    The supernet encoding comes from `encoding`, else the checkpoint (``supernet`` / ``args.supernet_choice``
-    / ``args.supernet`` / ``args.encoding``), else the checkpoint's directory name. Quant mode and preset
-    come from the checkpoint (``quant_mode`` / ``quant_preset``, top level or in ``args``), else from its keys."""
-    from modules.checkpoint import load_checkpoint, load_state_dict_strict
-    from modules.lsq import quantizers, set_quant_mode
-    from modules.supernet import SuperNet
-
-    log = log or (lambda msg: print(msg, file=sys.stderr))
-    path = Path(path)
-    ckpt = load_checkpoint(path)
-    state = _state_of(ckpt, path)
-    enc = encoding or _ckpt_meta(ckpt, "supernet", "supernet_choice", "supernet_encoding", "encoding")
+    enc = encoding or _ckpt_meta(ckpt, *meta)
     if enc is None:
-        enc = path.parent.name
+        enc = supernet_from_dir_name(path.parent.name) or path.parent.name
         try:
             parse_supernet(enc)
         except ValueError:
             raise ValueError(f"checkpoint {path}: cannot tell its supernet encoding (not in the checkpoint, "
-                             f"directory name {enc!r} is none); pass --supernet") from None
-    choice = parse_supernet(str(enc))
+                             f"directory name {path.parent.name!r} is none); pass --supernet") from None
+    return parse_supernet(str(enc))
+
+
+def _load_original(ckpt: dict, state: dict, path: Path, encoding: str | None):
+    """(net, quant mode, preset) of an original SpaceEvo checkpoint: its names mapped to ours, the LSQ+ scalars
+    computed with the ``original`` preset (the one that reproduces its fake quantization)."""
+    from modules.checkpoint import load_state_dict_strict
+    from modules.lsq import set_quant_mode
+    from modules.original import from_original_state
+    from modules.supernet import SuperNet
+
+    choice = _encoding_of(ckpt, path, encoding, "supernet_encoding")
+    head = next((k for k in state if k.endswith("stages.logits.blocks.0.linear.weight")), None)
+    net = SuperNet(choice, int(state[head].shape[0]) if head else None)
+    ours, mode = from_original_state(state, net, f"checkpoint {path} (supernet {choice})")
+    if mode == "lsq":
+        set_quant_mode(net, "lsq", "original")
+    load_state_dict_strict(net, ours, f"checkpoint {path}")
+    return net, mode, ("original" if mode == "lsq" else None)
+
+
+def _load_ours(ckpt: dict, state: dict, path: Path, encoding: str | None, log):
+    from modules.checkpoint import load_state_dict_strict
+    from modules.lsq import quantizers, set_quant_mode
+    from modules.supernet import SuperNet
+
+    choice = _encoding_of(ckpt, path, encoding, "supernet", "supernet_choice", "supernet_encoding", "encoding")
     if "logits.linear.weight" not in state:
         raise ValueError(f"checkpoint {path}: no 'logits.linear.weight' in its state dict: not a supernet")
     num_classes = int(state["logits.linear.weight"].shape[0])
@@ -560,10 +582,33 @@ def load_supernet_checkpoint(path: str | os.PathLike, encoding: str | None = Non
         if uninit:
             log(f"warning: {uninit} LSQ+ quantizers of {path} were never initialised; they will be set from the "
                 "first batch they see")
+    return net, mode, preset
+
+
+def load_supernet_checkpoint(path: str | os.PathLike, encoding: str | None = None, device="cpu",
+                             log: Callable[[str], None] | None = None):
+    """(SuperNet in eval mode with the checkpoint's weights, quant mode and preset; info dict).
+
+    The supernet encoding comes from `encoding`, else the checkpoint (``supernet`` / ``args.supernet_choice``
+    / ``args.supernet`` / ``args.encoding``), else the checkpoint's directory name. Quant mode and preset
+    come from the checkpoint (``quant_mode`` / ``quant_preset``, top level or in ``args``), else from its keys.
+    The original SpaceEvo's checkpoints (``checkpoint.pth`` fp32, ``lsq.pth`` LSQ+) are recognised by their keys
+    and load with the ``original`` preset."""
+    from modules.checkpoint import load_checkpoint
+    from modules.original import is_original_state
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    state = _state_of(ckpt, path)
+    if is_original_state(state):
+        net, mode, preset = _load_original(ckpt, state, path, encoding)
+    else:
+        net, mode, preset = _load_ours(ckpt, state, path, encoding, log)
     net.to(device).eval()
     args = ckpt.get("args") or {}
-    info = {"path": str(path), "supernet": str(choice), "quant_mode": mode, "quant_preset": preset,
-            "num_classes": num_classes, "epoch": ckpt.get("epoch"),
+    info = {"path": str(path), "supernet": str(net.choice), "quant_mode": mode, "quant_preset": preset,
+            "num_classes": net.num_classes, "epoch": ckpt.get("epoch"),
             "args": args if isinstance(args, dict) else dict(vars(args))}
     return net, info
 
