@@ -34,6 +34,7 @@ from modules.cli import run_main
 from modules.counter import count_macs, count_params
 from modules.lsq import PRESETS, QUANT_MODES, set_quant_mode
 from modules.named_models import get_named_model, model_names, reported_subnets
+from modules.original import from_original_state, is_original_state
 from modules.supernet import SuperNet
 
 DEFAULT_CALIB_BATCHES = 20
@@ -48,9 +49,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="one of: " + ", ".join(names))
     what.add_argument("--all", action="store_true", help="every named model (table only)")
     p.add_argument("--dataset_path", default=None, help="ImageFolder root with a 'val' split (needs --checkpoint)")
-    p.add_argument("--checkpoint", default=None, help="supernet or standalone-subnet checkpoint (.pth)")
+    p.add_argument("--checkpoint", default=None,
+                   help="supernet or standalone-subnet checkpoint (.pth; ours or the original SpaceEvo's). Default for "
+                        "a named model: <output_dir>/supernet_training/<supernet name>/{checkpoint,lsq}.pth, where "
+                        "the original keeps its released checkpoints")
+    p.add_argument("--output_dir", default="./checkpoints",
+                   help="checkpoint directory searched when --checkpoint is not given (default: %(default)s)")
     p.add_argument("--quant_mode", choices=QUANT_MODES, default="fp32", help="(default: %(default)s)")
-    p.add_argument("--quant_preset", choices=PRESETS, default="ort", help="LSQ+ preset (default: %(default)s)")
+    p.add_argument("--quant_preset", choices=PRESETS, default=None,
+                   help="LSQ+ preset (default: original for the original's checkpoints, else ort)")
     p.add_argument("--num_classes", type=int, default=None,
                    help="classifier width (default: from the checkpoint, else 1000)")
     p.add_argument("--batch_size", type=int, default=50, help="evaluation batch (default: %(default)s)")
@@ -78,6 +85,56 @@ def _state_dict_of(ckpt, path) -> dict:
         if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
             return strip_module_prefix(ckpt)
     raise ValueError(f"checkpoint {path}: expected a state dict, bare or under 'model' / 'state_dict'")
+
+
+def _checkpoint_path(args) -> Path | None:
+    """--checkpoint, else the named model's supernet checkpoint where the original keeps it; without one, a table
+    of MACs and params only (an accuracy needs weights: one line says where to put them)."""
+    if args.checkpoint is not None or args.all:
+        return args.checkpoint
+    from modules.subnet_search import find_supernet_checkpoint
+
+    m = get_named_model(args.model_name)
+    try:
+        return find_supernet_checkpoint(args.output_dir, m.supernet, args.quant_mode)
+    except FileNotFoundError:
+        name = "lsq.pth" if args.quant_mode == "lsq" else "checkpoint.pth"
+        where = Path(args.output_dir) / "supernet_training" / m.supernet_name / name
+        msg = (f"no checkpoint for {args.model_name}: put the released {m.supernet_name} {name} at {where} "
+               "(or give --checkpoint)")
+        if args.dataset_path is not None:
+            raise FileNotFoundError(msg) from None
+        print(f"note: {msg}; MACs and params only", file=sys.stderr)
+        return None
+
+
+def _load_state(args, path) -> tuple[dict, str]:
+    """(our state dict, LSQ+ preset) of a checkpoint; the original's are mapped to our names (preset original)."""
+    state = _state_dict_of(load_checkpoint(path), path)
+    preset = args.quant_preset or "ort"
+    if is_original_state(state):
+        if args.all:
+            raise ValueError("an original SpaceEvo checkpoint fits one model: use --model_name")
+        if args.quant_preset not in (None, "original"):
+            raise ValueError(f"checkpoint {path} is an original SpaceEvo checkpoint: its LSQ+ scalars only mean "
+                             "something with --quant_preset original")
+        m = get_named_model(args.model_name)
+        state, mode = from_original_state(state, SuperNet(m.choice, _num_classes(args, state)), f"checkpoint {path}")
+        preset = "original"
+        if mode == "fp32" and args.quant_mode == "lsq":
+            raise ValueError(f"checkpoint {path} is an fp32 checkpoint (its LSQ+ scalars were never trained): "
+                             "evaluate it without --quant_mode lsq, or give lsq.pth")
+        if mode == "lsq" and args.quant_mode == "fp32":  # the original evaluates an LSQ+ checkpoint's weights in fp32
+            state = {k: v for k, v in state.items() if "_quant." not in k}
+        return state, preset
+    _check_quant_keys(state, args.quant_mode, path)
+    return state, preset
+
+
+def _num_classes(args, state: dict) -> int:
+    head = next((v for k, v in state.items() if k.endswith("logits.blocks.0.linear.weight")
+                 or k == "logits.linear.weight"), None)
+    return args.num_classes or (int(head.shape[0]) if head is not None else 1000)
 
 
 def _fits(model: torch.nn.Module, state: dict) -> bool:
@@ -123,27 +180,24 @@ def _count(model, resolution: int) -> tuple[float, float]:
     return count_macs(model, (1, 3, resolution, resolution)) / 1e6, count_params(model) / 1e6
 
 
-def _rows_for(args, name: str, state: dict | None) -> list[dict]:
+def _rows_for(args, name: str, state: dict | None, preset: str, path) -> list[dict]:
     m = get_named_model(name)
-    num_classes = args.num_classes
-    if num_classes is None and state is not None and "logits.linear.weight" in state:
-        num_classes = int(state["logits.linear.weight"].shape[0])
-    num_classes = num_classes or 1000
+    num_classes = _num_classes(args, state or {})
     quant = args.quant_mode == "lsq"
 
     def prepare(net):
         if quant:
-            set_quant_mode(net, "lsq", args.quant_preset)
+            set_quant_mode(net, "lsq", preset)
         return net.to(args.device).eval()
 
     supernet = None
     if state is not None:
         candidate = prepare(SuperNet(m.choice, num_classes))
         if _fits(candidate, state):
-            load_state_dict_strict(candidate, state, f"checkpoint {args.checkpoint}")
+            load_state_dict_strict(candidate, state, f"checkpoint {path}")
             supernet = candidate
         elif m.kind == "supernet":
-            load_state_dict_strict(candidate, state, f"checkpoint {args.checkpoint} (supernet {m.supernet})")
+            load_state_dict_strict(candidate, state, f"checkpoint {path} (supernet {m.supernet})")
     rows = []
     for label, cfg in reported_subnets(m):
         top1 = None
@@ -155,7 +209,7 @@ def _rows_for(args, name: str, state: dict | None) -> list[dict]:
             net = prepare(SuperNet(m.choice, num_classes, 0.0, cfg))
             calib = args.num_calib_batches or 0
             if state is not None:  # a standalone subnet checkpoint
-                load_state_dict_strict(net, state, f"checkpoint {args.checkpoint} (subnet {label})")
+                load_state_dict_strict(net, state, f"checkpoint {path} (subnet {label})")
         macs, params = _count(net, cfg.resolution)
         if args.dataset_path is not None:
             top1 = _evaluate(args, net, cfg.resolution, calib)
@@ -182,22 +236,19 @@ def main(args: argparse.Namespace) -> list[dict]:
         raise ValueError("give --model_name NAME or --all")
     if args.all and args.checkpoint:
         raise ValueError("--checkpoint fits one model: use it with --model_name, not --all")
-    if args.dataset_path is not None and args.checkpoint is None:
-        raise ValueError("--dataset_path needs --checkpoint (a randomly initialised model has no accuracy to report)")
     for opt in ("batch_size", "calib_batch_size"):
         if getattr(args, opt) < 1:
             raise ValueError(f"--{opt} {getattr(args, opt)}: expected a positive integer")
     if args.dataset_path is not None and not Path(args.dataset_path).is_dir():
         raise FileNotFoundError(f"dataset directory {args.dataset_path} does not exist")
-    state = None
-    if args.checkpoint is not None:
-        state = _state_dict_of(load_checkpoint(args.checkpoint), args.checkpoint)
-        _check_quant_keys(state, args.quant_mode, args.checkpoint)
+    state, preset, path = None, args.quant_preset or "ort", _checkpoint_path(args)
+    if path is not None:
+        state, preset = _load_state(args, path)
     torch.manual_seed(args.seed)
     names = model_names() if args.all else [args.model_name]
     rows = []
     for name in names:
-        rows += _rows_for(args, name, state)
+        rows += _rows_for(args, name, state, preset, path)
     print(format_table(rows))
     sys.stdout.flush()
     return rows

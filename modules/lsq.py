@@ -446,3 +446,24 @@ def get_quant_mode(model: nn.Module) -> str:
 def quant_parameters(model: nn.Module):
     """The learned LSQ+ scales and offsets (no weight decay on them)."""
     return [p for q in quantizers(model) for p in q.parameters(recurse=False)]
+
+
+@torch.no_grad()
+def convert_original_preset(model: nn.Module, preset: str = "ort") -> nn.Module:
+    """Switch an ``original``-preset LSQ+ model to a backend preset, keeping what it learned, so that it deploys
+    to int8 runtimes: each weight scale becomes the same scale for every channel (integers clipped to the
+    symmetric range, -128 -> -127), each activation offset is snapped to the integer zero point nearest to it
+    (in the forward pass). The tensors the original never quantizes (residual branches, SE, pooling inputs)
+    get fresh quantizers that take their range from the next batch that flows through (calibration)."""
+    if preset not in PRESETS or preset == "original":
+        raise ValueError(f"target preset {preset!r}; allowed: {', '.join(p for p in PRESETS if p != 'original')}")
+    enabled = [q for q in quantizers(model) if q.enabled]
+    if not enabled or any(q.preset != "original" for q in enabled):
+        raise ValueError("convert_original_preset needs an LSQ+ model with the original preset")
+    weights = {q: (q.scale.detach().abs().clone(), bool(q.initialized)) for q in enabled
+               if isinstance(q, WeightQuantizer)}
+    set_quant_mode(model, "lsq", preset)
+    for q, (scale, initialized) in weights.items():
+        q.scale.copy_(scale.expand_as(q.scale))
+        q.initialized.fill_(initialized)
+    return model
