@@ -7,6 +7,9 @@ Example (search, then score given spaces)::
         --latency_constraints 15 20 --output_dir checkpoints
     python search_block_kd.py --superspace onnxw --lut_dir checkpoints/lut \\
         --latency_constraints 15 20 --score_only onnxw-151122-023231 onnxw-151122-000000
+    # the authors' released LUTs (<SpaceEvo>/data/block_lut/{onnxw,mobilew}), fixed stages from our table
+    python search_block_kd.py --superspace onnxw --lut_dir SpaceEvo/data/block_lut --latency_constraints 10 \\
+        --latency_predictor ort_int8 --latency_table_dir checkpoints/latency
 
 Outputs under ``<output_dir>/space_search/<superspace>[_fp32]/c<c1+c2..>_t<t>_a<a>/``: ``ranked.csv`` (every
 evaluated space, best first), ``history.csv`` (one line per evaluation), ``score.png``, ``result.yaml``
