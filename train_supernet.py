@@ -91,7 +91,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="RandomResizedCrop area scale range (min, 1) of the training crops (default: %(default)s)")
     g.add_argument("--augment", choices=list(AUGMENTATIONS), default="basic",
                    help="training augmentation: basic = random-resized crop [+ flip]; auto_augment_tf adds "
-                        "AutoAugment (ImageNet policy) after them, the original's ImageNet recipe (default: %(default)s)")
+                        "AutoAugment (ImageNet policy) after them, the original's ImageNet recipe "
+                        "(default: %(default)s)")
     g.add_argument("--val_split", choices=["holdout", "val"], default="holdout",
                    help="validate on --valid_size held-out train images, or on the val split (default: %(default)s)")
     g.add_argument("--valid_size", type=int, default=200, help="held-out train images (default: %(default)s)")

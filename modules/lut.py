@@ -7,8 +7,9 @@ A LUT line has no header and 6 fields, the 4 numbers printed with ``%.4f``::
 
 Files are ``<lut_dir>/<superspace>/stage{X}_{B}_{W}.csv`` (X = 1..6, B = candidate index, W = window
 index; `lut_dir` may also be the ``<superspace>`` folder itself); the authors' released LUTs
-(``data/block_lut/{mobilew,onnxw}``) are in this format and load unchanged. ``lut_key`` is the one name function shared by the LUT build (``eval_block_kd.py``) and the space
-search. The resolution of a row is recovered from its H (``SuperSpace.resolution_from_hw``).
+(``data/block_lut/{mobilew,onnxw}``) are in this format and load unchanged. ``lut_key`` is the one name
+function shared by the LUT build (``eval_block_kd.py``) and the space search. The resolution of a row is
+recovered from its H (``SuperSpace.resolution_from_hw``).
 
 Every line is validated on reading; a bad line raises one ``ValueError`` naming file, line and problem.
 """

@@ -81,8 +81,9 @@ def _first_batch(root, augment: str, size: int, workers: int = 0) -> torch.Tenso
 
 @pytest.mark.parametrize("size", [16, 224])
 def test_auto_augment_changes_the_training_batch(digits_root, tmp_path, size):
-    """--augment auto_augment_tf: with the same seed the crops are the basic ones, then AutoAugment alters them;
-    shapes and dtypes are unchanged; small (digits) and ImageNet-size images, in DataLoader worker processes."""
+    """--augment auto_augment_tf: with the same seed the basic batch repeats exactly and the AutoAugment batch
+    differs from it; shapes and dtypes are unchanged; small (digits) and ImageNet-size images, in the main
+    process and in DataLoader worker processes."""
     from torchvision import transforms as T
 
     root = digits_root
