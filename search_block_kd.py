@@ -7,6 +7,9 @@ Example (search, then score given spaces)::
         --latency_constraints 15 20 --output_dir checkpoints
     python search_block_kd.py --superspace onnxw --lut_dir checkpoints/lut \\
         --latency_constraints 15 20 --score_only onnxw-151122-023231 onnxw-151122-000000
+    # the authors' released LUTs (<SpaceEvo>/data/block_lut/{onnxw,mobilew}), fixed stages from our table
+    python search_block_kd.py --superspace onnxw --lut_dir SpaceEvo/data/block_lut --latency_constraints 10 \\
+        --latency_predictor ort_int8 --latency_table_dir checkpoints/latency
 
 Outputs under ``<output_dir>/space_search/<superspace>[_fp32]/c<c1+c2..>_t<t>_a<a>/``: ``ranked.csv`` (every
 evaluated space, best first), ``history.csv`` (one line per evaluation), ``score.png``, ``result.yaml``
@@ -37,7 +40,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--superspace", required=True, choices=sorted(SUPERSPACES))
     p.add_argument("--lut_dir", default="checkpoints/lut",
-                   help="holds <superspace>/stage{X}_{B}_{W}.csv (eval_block_kd.py writes <output_dir>/lut)")
+                   help="holds <superspace>/stage{X}_{B}_{W}.csv (eval_block_kd.py writes <output_dir>/lut), or is "
+                        "that <superspace> folder itself; the authors' released data/block_lut reads unchanged")
     p.add_argument("--fp32_lut", action="store_true", help="read <lut_dir>/<superspace>_fp32 (LUT of fp32 block KD)")
     p.add_argument("--hw_list", type=positive_int, nargs="+", default=None,
                    help="resolutions to sample (default: the superspace's block-KD resolutions found in the LUT)")
@@ -229,7 +233,7 @@ def main(args) -> dict:
     lut_sub = space.name + ("_fp32" if args.fp32_lut else "")
     lut = load_lut_dir(args.lut_dir, space, args.hw_list, subdir=lut_sub)
     t_load = time.perf_counter() - t0
-    print(f"LUT {os.path.join(args.lut_dir, lut_sub)}: {len(lut.tables)} files, {lut.num_rows} rows, "
+    print(f"LUT {lut.root}: {len(lut.tables)} files, {lut.num_rows} rows, "
           f"resolutions {list(lut.resolutions)} ({t_load:.1f} s)")
     scorer = QTScorer(lut, args.latency_constraints, t=args.latency_loss_t, a=args.latency_loss_a,
                       top_k=args.top_k, num_samples=args.num_samples, chunk=args.chunk_size,
@@ -254,7 +258,7 @@ def main(args) -> dict:
         print(f"scores written to {os.path.join(run_dir, 'score_only.csv')}")
         return {"scores": {r.key: r.score for r in recs}}
 
-    config = {"superspace": space.name, "lut_dir": os.path.abspath(os.path.join(args.lut_dir, lut_sub)),
+    config = {"superspace": space.name, "lut_dir": os.path.abspath(lut.root),
               "hw_list": list(scorer.resolutions),
               "latency_constraints": list(scorer.constraints), "t": scorer.t, "a": scorer.a, "top_k": scorer.top_k,
               "num_samples": scorer.num_samples, "chunk": scorer.chunk, "seed": args.seed,

@@ -44,6 +44,7 @@ from modules import dist
 from modules.checkpoint import (atomic_save, atomic_write_text, build_checkpoint, find_resume, get_rng_state,
                                 load_checkpoint, load_state_dict_strict, set_rng_state, to_plain)
 from modules.cli import add_common_args, git_sha, run_main, save_run_info, seed_everything, setup_logging
+from modules.data import AUGMENTATIONS
 from modules.encoding import parse_supernet
 from modules.engine import (AverageMeter, GracefulStop, ResizeCache, all_reduce_buffers, all_reduce_gradients,
                             broadcast_module, build_sgd, build_warmup_cosine, calibrate_bn, evaluate_top1,
@@ -88,6 +89,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--hflip", action=bool_arg, default=False, help="random horizontal flips (natural images)")
     g.add_argument("--crop_min_scale", type=float, default=0.35,
                    help="RandomResizedCrop area scale range (min, 1) of the training crops (default: %(default)s)")
+    g.add_argument("--augment", choices=list(AUGMENTATIONS), default="basic",
+                   help="training augmentation: basic = random-resized crop [+ flip]; auto_augment_tf adds "
+                        "AutoAugment (ImageNet policy) after them, the original's ImageNet recipe "
+                        "(default: %(default)s)")
     g.add_argument("--val_split", choices=["holdout", "val"], default="holdout",
                    help="validate on --valid_size held-out train images, or on the val split (default: %(default)s)")
     g.add_argument("--valid_size", type=int, default=200, help="held-out train images (default: %(default)s)")
@@ -187,7 +192,7 @@ def build_data(args, image_size: int, distributed: bool):
     else:
         root = Path(args.data_path)
     train_aug = build_dataset(root, "train", train=True, image_size=image_size, hflip=args.hflip,
-                              min_scale=args.crop_min_scale)
+                              min_scale=args.crop_min_scale, augment=args.augment)
     train_plain = build_dataset(root, "train", train=False, image_size=image_size)
     if args.val_split == "holdout":
         train_set, val_set = _holdout(train_aug, train_plain, args)

@@ -166,16 +166,33 @@ def _make_imagefolder_class():
 _IMAGEFOLDER_CLS = None
 
 
-def build_transform(train: bool, image_size: int, hflip: bool = False, min_scale: float = 0.35):
-    """Train: RandomResizedCrop(scale min_scale..1) [+ flip]; eval: Resize(size/0.875) + CenterCrop; ImageNet norm."""
+# Training augmentations (`--augment`): "basic" = random-resized crop [+ flip]; "auto_augment_tf" = the same
+# followed by AutoAugment, the original's ImageNet recipe. The original ran TensorFlow's EfficientNet policy
+# ("v0"); torchvision's ImageNet AutoAugment policy is used instead (the same operations, other sub-policies).
+AUGMENTATIONS = ("basic", "auto_augment_tf")
+# AutoAugment fills the corners its shears, rotations and translations uncover with the mean image colour
+# (as the original), not black, so the filled area normalises to ~0.
+_MEAN_FILL = [round(255 * m) for m in IMAGENET_MEAN]
+
+
+def build_transform(train: bool, image_size: int, hflip: bool = False, min_scale: float = 0.35,
+                    augment: str = "basic"):
+    """Train: RandomResizedCrop(scale min_scale..1) [+ flip] [+ AutoAugment]; eval: Resize(size/0.875) +
+    CenterCrop; ImageNet norm. `augment` (one of AUGMENTATIONS) only changes the training transform."""
     _, T = _torchvision()
     bilinear = T.InterpolationMode.BILINEAR
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augmentation {augment!r}: expected one of {', '.join(AUGMENTATIONS)}")
     if train:
         if not 0.0 < min_scale <= 1.0:
             raise ValueError(f"crop min_scale {min_scale}: expected a number in (0, 1]")
         ops = [T.RandomResizedCrop(image_size, scale=(min_scale, 1.0), interpolation=bilinear)]
         if hflip:
             ops.append(T.RandomHorizontalFlip())
+        if augment == "auto_augment_tf":
+            # on the crop, as the original: its translations are relative to the image size, so small
+            # images (digits) and ImageNet crops get the same relative shifts
+            ops.append(T.AutoAugment(T.AutoAugmentPolicy.IMAGENET, interpolation=bilinear, fill=_MEAN_FILL))
     else:
         ops = [T.Resize(int(image_size / 0.875), interpolation=bilinear), T.CenterCrop(image_size)]
     ops += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
@@ -183,16 +200,18 @@ def build_transform(train: bool, image_size: int, hflip: bool = False, min_scale
 
 
 def build_dataset(root: str | os.PathLike, split: str, train: bool, image_size: int, hflip: bool = False,
-                  min_scale: float = 0.35):
+                  min_scale: float = 0.35, augment: str = "basic"):
     """ImageFolder over ``root/split`` with train or eval transforms. ``hflip`` adds random horizontal flips
-    (off by default: digits must not be mirrored; turn it on for natural images such as ImageNet)."""
+    (off by default: digits must not be mirrored; turn it on for natural images such as ImageNet);
+    ``augment`` names the training augmentation (AUGMENTATIONS)."""
     global _IMAGEFOLDER_CLS
     if int(image_size) < 1:
         raise ValueError(f"image_size {image_size}: expected a positive integer")
+    transform = build_transform(train, int(image_size), hflip, min_scale, augment)
     path = _check_imagefolder(Path(root), split)
     if _IMAGEFOLDER_CLS is None:
         _IMAGEFOLDER_CLS = _make_imagefolder_class()
-    return _IMAGEFOLDER_CLS(str(path), transform=build_transform(train, int(image_size), hflip, min_scale))
+    return _IMAGEFOLDER_CLS(str(path), transform=transform)
 
 
 def split_holdout(dataset: Dataset, holdout_size: int, seed: int = 0,

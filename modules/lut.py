@@ -6,8 +6,10 @@ A LUT line has no header and 6 fields, the 4 numbers printed with ``%.4f``::
     5#80#4_7#112#3_5#80#2,1x64x24x24,0.3339,297.4925,2.0685,3.2369
 
 Files are ``<lut_dir>/<superspace>/stage{X}_{B}_{W}.csv`` (X = 1..6, B = candidate index, W = window
-index); ``lut_key`` is the one name function shared by the LUT build (``eval_block_kd.py``) and the space
-search. The resolution of a row is recovered from its H (``SuperSpace.resolution_from_hw``).
+index; `lut_dir` may also be the ``<superspace>`` folder itself); the authors' released LUTs
+(``data/block_lut/{mobilew,onnxw}``) are in this format and load unchanged. ``lut_key`` is the one name
+function shared by the LUT build (``eval_block_kd.py``) and the space search. The resolution of a row is
+recovered from its H (``SuperSpace.resolution_from_hw``).
 
 Every line is validated on reading; a bad line raises one ``ValueError`` naming file, line and problem.
 """
@@ -23,7 +25,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from modules.encoding import format_substage, parse_substage
-from modules.superspace import SEARCHABLE, SuperSpace, get_superspace
+from modules.superspace import SEARCHABLE, SUPERSPACES, SuperSpace, get_superspace
 
 NUM_FIELDS = 6
 _FILE_RE = re.compile(r"^stage(\d+)_(\d+)_(\d+)\.csv$")
@@ -254,7 +256,8 @@ def _parse_shape(text: str, space: SuperSpace, stage_name: str, prev_widths: set
 class Lut:
     """All LUT files of a superspace: `tables[(stage, block, window)]`, rows split by resolution via `arrays`."""
     superspace: SuperSpace
-    lut_dir: str
+    lut_dir: str  # as given
+    root: str  # the folder the files were read from: <lut_dir>/<superspace> or lut_dir itself
     tables: dict[tuple[int, int, int], LutTable]
     resolutions: tuple[int, ...]  # resolutions present in every file, in superspace order
 
@@ -276,22 +279,35 @@ def expected_keys(superspace: str | SuperSpace) -> list[tuple[int, int, int]]:
             for b in range(len(space.candidates)) for w in range(st.num_windows)]
 
 
+def lut_root(lut_dir: str, folder: str) -> str:
+    """The folder holding the stage*.csv files: ``<lut_dir>/<folder>`` (the original's ``--lut_path
+    data/block_lut``), else `lut_dir` itself when it holds them (``data/block_lut/onnxw``). A folder named after
+    another superspace's LUT is refused: its rows would be checked against the wrong candidates and widths."""
+    root = os.path.join(lut_dir, folder)
+    if os.path.isdir(root):
+        return root
+    holds_files = os.path.isdir(lut_dir) and any(_FILE_RE.match(n) for n in os.listdir(lut_dir))
+    if not holds_files:
+        raise FileNotFoundError(f"LUT dir {root} not found (expected <lut_dir>/{folder}/stage{{X}}_{{B}}_{{W}}.csv "
+                                f"or stage{{X}}_{{B}}_{{W}}.csv files in {lut_dir} itself)")
+    name = os.path.basename(os.path.normpath(lut_dir))
+    lut_names = set(SUPERSPACES) | {f"{n}_fp32" for n in SUPERSPACES}
+    if name in lut_names and name != folder:
+        raise ValueError(f"LUT dir {lut_dir} is named as the {name} LUT, but the {folder} LUT is wanted")
+    return lut_dir
+
+
 def load_lut_dir(lut_dir: str, superspace: str | SuperSpace, hw_list: Sequence[int] | None = None,
                  subdir: str | None = None) -> Lut:
     """Load and validate ``<lut_dir>/<superspace>/stage{X}_{B}_{W}.csv`` for every (stage, block, window)
-    (`subdir` replaces ``<superspace>``, e.g. ``onnxw_fp32`` for the LUT of the fp32 block-KD models).
+    (`subdir` replaces ``<superspace>``, e.g. ``onnxw_fp32`` for the LUT of the fp32 block-KD models);
+    `lut_dir` may also be that folder itself (`lut_root`). The authors' released LUTs load unchanged.
 
     Missing files raise one FileNotFoundError listing all of them. Every file must hold rows at every
     resolution of `hw_list` (default: the resolutions found in the files, which must then agree).
     """
     space = _space(superspace)
-    root = os.path.join(lut_dir, subdir or space.name)
-    if not os.path.isdir(root):
-        hint = ""
-        if os.path.isdir(lut_dir) and any(_FILE_RE.match(n) for n in os.listdir(lut_dir)):
-            hint = f"; {lut_dir} itself holds stage*.csv files: pass its parent as the LUT dir"
-        raise FileNotFoundError(f"LUT dir {root} not found "
-                                f"(expected <lut_dir>/<superspace>/stage{{X}}_{{B}}_{{W}}.csv){hint}")
+    root = lut_root(lut_dir, subdir or space.name)
     keys = expected_keys(space)
     missing = [lut_key(*k) + ".csv" for k in keys if not os.path.isfile(os.path.join(root, lut_key(*k) + ".csv"))]
     if missing:
@@ -311,7 +327,7 @@ def load_lut_dir(lut_dir: str, superspace: str | SuperSpace, hw_list: Sequence[i
                          f"{len(lacking)} files lack some: {', '.join(lacking)}"
                          + ("" if hw_list is not None else "; restrict the resolutions with --hw_list"))
     resolutions = tuple(r for r in space.block_kd_hw_list if r in want)
-    return Lut(space, lut_dir, tables, resolutions)
+    return Lut(space, lut_dir, root, tables, resolutions)
 
 
 # ------------------------------------------------------------------------------------ synthetic LUTs

@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -68,6 +69,48 @@ def test_no_hflip_by_default(digits_root):
     assert "RandomHorizontalFlip" not in names
     flipped = build_dataset(digits_root, "train", True, 16, hflip=True).transform.transforms
     assert any(isinstance(t, T.RandomHorizontalFlip) for t in flipped)
+
+
+def _first_batch(root, augment: str, size: int, workers: int = 0) -> torch.Tensor:
+    """The first training batch (8 images, no shuffling) with torch's RNG seeded at 0."""
+    ds = build_dataset(root, "train", True, size, hflip=True, min_scale=0.5, augment=augment)
+    torch.manual_seed(0)
+    x, _ = next(iter(build_loader(ds, 8, train=False, workers=workers)))
+    return x
+
+
+@pytest.mark.parametrize("size", [16, 224])
+def test_auto_augment_changes_the_training_batch(digits_root, tmp_path, size):
+    """--augment auto_augment_tf: with the same seed the basic batch repeats exactly and the AutoAugment batch
+    differs from it; shapes and dtypes are unchanged; small (digits) and ImageNet-size images, in the main
+    process and in DataLoader worker processes."""
+    from torchvision import transforms as T
+
+    root = digits_root
+    if size == 224:  # a few ImageNet-size images of unequal shapes
+        rng = np.random.default_rng(0)
+        for i in range(8):
+            cls = tmp_path / "big" / "train" / f"c{i % 2}"
+            cls.mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 256, size=(300 + 10 * i, 260, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(cls / f"{i}.jpg")
+        root = tmp_path / "big"
+    for workers in (0, 2):  # in workers, the loader's seeded generator seeds each worker's RNG
+        basic = _first_batch(root, "basic", size, workers)
+        assert torch.equal(basic, _first_batch(root, "basic", size, workers))  # the seed fixes the crops
+        auto = _first_batch(root, "auto_augment_tf", size, workers)
+        assert auto.shape == basic.shape == (8, 3, size, size) and auto.dtype == basic.dtype == torch.float32
+        assert torch.isfinite(auto).all()
+        assert not torch.equal(auto, basic)
+    steps = build_dataset(root, "train", True, size, augment="auto_augment_tf").transform.transforms
+    auto_aug = [t for t in steps if isinstance(t, T.AutoAugment)]
+    assert len(auto_aug) == 1 and auto_aug[0].policy == T.AutoAugmentPolicy.IMAGENET
+    assert isinstance(steps[steps.index(auto_aug[0]) + 1], T.ToTensor)  # on the PIL crop, before ToTensor
+    # evaluation transforms ignore the augmentation
+    val = build_dataset(root, "train", False, size, augment="auto_augment_tf").transform.transforms
+    assert not any(isinstance(t, T.AutoAugment) for t in val)
+    with pytest.raises(ValueError, match="augmentation 'randaugment': expected one of basic, auto_augment_tf"):
+        build_dataset(root, "train", True, size, augment="randaugment")
 
 
 def test_loader_holdout_and_determinism(digits_root):

@@ -117,8 +117,12 @@ def test_load_dir_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_lut_dir(str(tmp_path), "tiny")
     root = write_synthetic_lut(str(tmp_path), "tiny", rows_per_file=12, seed=0)
-    with pytest.raises(FileNotFoundError, match="pass its parent"):
-        load_lut_dir(root, "tiny")
+    # the <superspace> folder itself is accepted too; one named after another superspace is refused
+    assert load_lut_dir(root, "tiny").root == root == load_lut_dir(str(tmp_path), "tiny").root
+    os.rename(root, tmp_path / "onnxw")
+    with pytest.raises(ValueError, match="named as the onnxw LUT, but the tiny LUT is wanted"):
+        load_lut_dir(str(tmp_path / "onnxw"), "tiny")
+    os.rename(tmp_path / "onnxw", root)
     # one file lacks resolution 64
     path = os.path.join(root, "stage4_1_0.csv")
     t = read_lut_file(path, TINY, 4, 1, 0)

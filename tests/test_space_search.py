@@ -230,3 +230,118 @@ def test_cli_missing_lut_dir(tmp_path, capsys):
     with pytest.raises(SystemExit):
         search_block_kd.get_args_parser().parse_args(["--superspace", "tiny", "--latency_constraints", "-5"])
     assert os.path.isdir(tmp_path)
+
+
+# ------------------------------------------------------------------- the authors' released LUT format
+ONNXW = get_superspace("onnxw")
+
+
+def _released_nsr(x: int, b: int, w: int) -> float:
+    """NSR of every row of file stage{x}_{b}_{w}: block (6 - x) % 6 and window 0 are best at stage x."""
+    return 0.30 + 0.02 * ((b + x) % 6) + 0.01 * w
+
+
+def write_released_style_lut(block_lut):
+    """An onnxw LUT as the authors released it (``data/block_lut/onnxw/stage{X}_{B}_{W}.csv``): no header,
+    6 fields, 4 decimals, expands printed as sampled (None for MobileNetV1Dual, 0.5/1.0/1.5 for ResNet, ints
+    otherwise). Written as plain text, not with modules.lut. Two rows per resolution (the smallest and the
+    largest sub-stage); every row of a file has the same NSR and latency (0.5 + 0.1 x window ms)."""
+    for x, b, w in expected_keys(ONNXW):
+        stage_name = SEARCHABLE[x - 1]
+        spec, st = ONNXW.candidates[b], ONNXW.stage(stage_name)
+        window, cins = st.window(w), ONNXW.prev_width_list(stage_name)
+        small = "_".join([f"{spec.kernel_list[0]}#{window[0]}#{spec.expand_list[0]}"] * min(st.depth_list))
+        large = "_".join([f"{spec.kernel_list[-1]}#{window[-1]}#{spec.expand_list[-1]}"] * max(st.depth_list))
+        lines = [f"{sub},1x{cin}x{hw}x{hw},{_released_nsr(x, b, w):.4f},{macs:.4f},{macs / 300:.4f},"
+                 f"{0.5 + 0.1 * w:.4f}"
+                 for r in (224, 192, 160) for hw in [ONNXW.stage_input_hw(r, stage_name)]
+                 for sub, cin, macs in ((small, cins[0], 12.5 * x), (large, cins[-1], 250.125 * x))]
+        path = block_lut / "onnxw" / f"stage{x}_{b}_{w}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(line + "\n" for line in lines))
+    return block_lut
+
+
+def _released_cli(tmp_path, lut_dir, *extra):
+    return ["--superspace", "onnxw", "--lut_dir", str(lut_dir), "--output_dir", str(tmp_path / "out"),
+            "--no_progress", "--latency_constraints", "10", "--latency_loss_t", "0.08", "--latency_loss_a", "0.01",
+            "--num_samples", "2000", "--chunk_size", "100", "--top_k", "10", *extra]
+
+
+def test_released_lut_format_is_read_and_searched(tmp_path, capsys):
+    block_lut = write_released_style_lut(tmp_path / "block_lut")
+    assert (block_lut / "onnxw" / "stage1_0_0.csv").read_text().splitlines()[0] == \
+        "3#32#None_3#32#None,1x16x112x112,0.3200,12.5000,0.0417,0.5000"
+    assert "#0.5_" in (block_lut / "onnxw" / "stage3_3_1.csv").read_text()
+    # the folder holding <superspace>/ (the original's --lut_path data/block_lut) or that folder itself
+    lut = load_lut_dir(str(block_lut), "onnxw")
+    assert lut.root == str(block_lut / "onnxw") and load_lut_dir(str(block_lut / "onnxw"), "onnxw").root == lut.root
+    t = lut.table(3, 3, 1)
+    assert t.sub_stage[0] == "3#80#0.5_3#80#0.5" and t.resolution.tolist() == [224, 224, 192, 192, 160, 160]
+    assert t.cin.tolist()[:2] == [32, 96] and t.hw.tolist()[:2] == [28, 28]
+    assert t.nsr.tolist() == [0.31] * 6 and t.latency.tolist() == [0.6] * 6 and t.mmacs[1] == 750.375
+
+    fixed = tmp_path / "fixed.csv"
+    fixed.write_text("resolution,latency_ms\n160,1.0\n192,1.25\n224,1.5\n")
+    argv = _released_cli(tmp_path, block_lut, "--fixed_latency_csv", str(fixed), "--population", "30",
+                         "--parents", "8", "--cycles", "1500")
+    assert run_cli(argv) == 0
+    run_dir = tmp_path / "out" / "space_search" / "onnxw" / "c10_t0.08_a0.01"
+    result = yaml.safe_load(open(run_dir / "result.yaml"))
+    # stages combine independently: the best space takes the best block and window 0 at every stage
+    best = "onnxw-" + "".join(str((6 - x) % 6) for x in range(1, 7)) + "-000000"
+    assert result["best"]["supernet"] == best
+    assert result["settings"]["fixed_latency"] == {"160": 1.0, "192": 1.25, "224": 1.5}
+    # every sample meets 10 ms (at most 6 x 0.8 + 1.5), so lat_loss = 1 and score = 1 / mean of the top 10
+    loss = sum(_released_nsr(x, (6 - x) % 6, 0) for x in range(1, 7))
+    assert result["best"]["score"] == pytest.approx((10 + 1e-5) / (10 * loss), rel=1e-9)
+    assert result["best"]["p_c10"] == pytest.approx(1 + 1e-5)
+
+    # scoring given spaces, in the original's <blocks>_<windows> spelling, from the onnxw folder itself
+    capsys.readouterr()
+    assert run_cli(_released_cli(tmp_path, block_lut / "onnxw", "--fixed_latency_csv", str(fixed),
+                                 "--score_only", best[6:].replace("-", "_"), "111111_000000")) == 0
+    rows = {r["supernet"]: float(r["score"]) for r in csv.DictReader(open(run_dir / "score_only.csv"))}
+    assert rows[best] == pytest.approx(result["best"]["score"], abs=1e-6)
+    worse = sum(_released_nsr(x, 1, 0) for x in range(1, 7))
+    assert rows["onnxw-111111-000000"] == pytest.approx((10 + 1e-5) / (10 * worse), rel=1e-5)
+
+
+def test_released_lut_with_fixed_latency_from_a_latency_table(tmp_path, capsys):
+    """--latency_predictor: L_fixed(R) is our latency table's sum over first_conv, stage0 and the head of the
+    min subnet (5 blocks, each 0.5 ms here) where the original asked nn-Meter. Space 543210-000000 then
+    takes 2.5 + 6 x 0.5 = 5.5 ms at every resolution: it meets 5.6 ms and misses 5.4 ms."""
+    from modules.latency_predictor import LatencyPredictor, block_key, fixed_block_configs
+
+    block_lut = write_released_style_lut(tmp_path / "block_lut")
+    table = LatencyPredictor("ort_int8", str(tmp_path / "latency" / "ort_int8.json"))
+    table.table = {block_key(c): 0.5 for c in fixed_block_configs("onnxw", [160, 192, 224])}
+    table.overhead_ms = 0.0
+    table.save()
+    capsys.readouterr()
+    argv = _released_cli(tmp_path, block_lut, "--latency_predictor", "ort_int8", "--latency_table_dir",
+                         str(tmp_path / "latency"), "--latency_constraints", "5.4", "5.6",
+                         "--score_only", "543210_000000")
+    assert run_cli(argv) == 0
+    assert "fixed-stage latency (ms) per resolution: {160: 2.5, 192: 2.5, 224: 2.5}" in capsys.readouterr().out
+    run_dir = tmp_path / "out" / "space_search" / "onnxw" / "c5.4+5.6_t0.08_a0.01"
+    (row,) = csv.DictReader(open(run_dir / "score_only.csv"))
+    assert float(row["p_c5.4"]) == pytest.approx(1e-5) and float(row["p_c5.6"]) == pytest.approx(1 + 1e-5)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda f: f[:5], "expected 6 comma-separated fields (sub_stage,1xCINxHxW,nsr,MMACs,Mparams,latency_ms), got 5"),
+    (lambda f: f[:2] + ["0.3x"] + f[3:], "nsr '0.3x' is not a number"),
+    (lambda f: [f[0].replace("#1.5", "#None")] + f[1:], "expand None not in"),
+    (lambda f: [f[0]] + ["1x32x27x27"] + f[2:], "input size 27 matches no resolution"),
+])
+def test_released_lut_malformed_row_is_one_error_naming_file_and_line(tmp_path, capsys, edit, message):
+    block_lut = write_released_style_lut(tmp_path / "block_lut")
+    path = block_lut / "onnxw" / "stage3_3_1.csv"  # ResNet: expands 0.5 1.0 1.5, input 28/24/20 px
+    lines = path.read_text().splitlines()
+    lines[3] = ",".join(edit(lines[3].split(",")))
+    path.write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert run_cli(_released_cli(tmp_path, block_lut, "--score_only", "543210_000000")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}:4: ") and message in err and err.count("\n") == 1, err

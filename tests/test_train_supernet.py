@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -175,6 +176,22 @@ def test_channels_last_run_matches_nchw_and_loads_as_nchw(lsq_start, digits_root
     net.load_state_dict(state["--channels_last"])
 
 
+def test_auto_augment_training_steps_in_worker_processes(digits_root, tmp_path):
+    """--augment auto_augment_tf with 2 loader workers: 2 steps of fp32 training run and validate; the
+    choice is recorded in args.yaml for --resume / -c."""
+    import yaml
+
+    out = tmp_path / "aa"
+    assert _run_in_process(_args(out, digits_root, "--augment", "auto_augment_tf", "--workers", "2",
+                                 "--max_train_samples", "16", "--epochs", "1", "--valid_freq", "1")) == 0
+    run = train_supernet.Run(str(out), ENC, "fp32")
+    ck = load_checkpoint(run.last)
+    assert ck["step"] == 2 and ck["complete"]
+    rows = _csv(run.csv)
+    assert len(rows) == 1 and math.isfinite(float(rows[0]["loss"])) and float(rows[0]["max_acc"]) >= 0
+    assert yaml.safe_load(open(_exp(out) / "args.yaml"))["augment"] == "auto_augment_tf"
+
+
 # --------------------------------------------------------------------------- DDP
 def test_two_process_torchrun_ends_with_identical_weights(lsq_start, digits_root):
     """LSQ+ on 2 ranks from the fp32 reference: sampler sharding, one gradient all-reduce per step, the
@@ -240,6 +257,8 @@ def test_shipped_configs_parse():
         ns = parse_args_with_config(
             args, ["-c", str(REPO / "supernet_training_configs" / name), "--supernet_choice", ENC])
         train_supernet.check_args(ns)
+        # the ImageNet recipe augments as the original; the digits demo keeps the cheap crop
+        assert ns.augment == {"train.yaml": "auto_augment_tf", "tiny.yaml": "basic"}[name]
     assert ns.epochs >= 1
 
 
