@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from modules.cli import add_common_args, run_main, setup_logging
+from modules.ops import BACKEND_PRESETS
 from modules.subnet_search import (SubnetSpace, add_supernet_args, build_calib_batches, calib_kwargs,
                                    load_subnet_checkpoint, load_supernet_checkpoint, resolve_checkpoint, resolve_data,
                                    resolve_subnet, save_subnet_checkpoint)
@@ -36,6 +37,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="subnet encoding, 'max', 'min', or a JSON file with a 'subnet' key (search_subnet's best.json)")
     p.add_argument("--no_calib", action="store_true",
                    help="keep the supernet's BN statistics instead of recalibrating them for this subnet")
+    p.add_argument("--quant_preset", default=None, choices=BACKEND_PRESETS,
+                   help="convert an `original`-preset LSQ+ subnet (the original SpaceEvo's lsq.pth) to this backend "
+                        "preset so that its learned scales deploy to int8 runtimes: the tensors the original leaves "
+                        "float take their scales from the calibration images")
     p.add_argument("--output", default=None, help="output .pth (default: <output_dir>/subnets/<name>.pth)")
     p.add_argument("--eval", action="store_true", help="report the exported subnet's top-1 on the val split")
     add_common_args(p)
@@ -47,6 +52,24 @@ def default_output(output_dir: str, supernet: str, subnet: str) -> Path:
 
     superspace, choice = supernet.split("-", 1)
     return Path(output_dir) / "subnets" / f"{model_file_stem(superspace, choice, subnet)}.pth"
+
+
+def _convert_preset(sub, info: dict, preset: str, calib, device) -> None:
+    """Switch an original-preset subnet to `preset`; its new quantizers take their ranges from the first
+    calibration batch."""
+    from modules.lsq import convert_original_preset
+
+    if info["quant_preset"] != "original":
+        raise ValueError(f"--quant_preset converts original-preset LSQ+ checkpoints; {info['path']} is "
+                         f"{info['quant_mode']} ({info['quant_preset'] or 'no preset'})")
+    if calib is None:
+        raise ValueError("--quant_preset needs calibration images for the tensors the original leaves float: "
+                         "drop --no_calib")
+    convert_original_preset(sub, preset)
+    with torch.no_grad():
+        sub(calib[0].to(device))
+    log.info("converted the original preset to %s (quantizers new to it calibrated on %d images)", preset,
+             len(calib[0]))
 
 
 def main(args) -> dict:
@@ -77,6 +100,8 @@ def main(args) -> dict:
     else:
         log.warning("--no_calib: the subnet keeps the supernet's BN statistics (usually wrong for a subnet)")
     sub = net.get_active_subnet(preserve_weight=True).eval()
+    if args.quant_preset:
+        _convert_preset(sub, info, args.quant_preset, calib if not args.no_calib else None, args.device)
     out = Path(args.output) if args.output else default_output(args.output_dir, info["supernet"], str(cfg))
     save_subnet_checkpoint(sub, out, source_checkpoint=str(ckpt_path), bn_calibration_images=int(seen),
                            data=data)
@@ -85,7 +110,7 @@ def main(args) -> dict:
     x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(args.device)
     net.eval()
     with torch.no_grad():
-        diff = float((model(x) - net(x)).abs().max())
+        diff = float((model(x) - (sub if args.quant_preset else net)(x)).abs().max())
     log.info("wrote %s (%s, %s); max |output - supernet output| = %.3g", out, info["quant_mode"], cfg, diff)
     result = {"path": str(out), "supernet": info["supernet"], "subnet": str(cfg), "quant_mode": info["quant_mode"],
               "max_abs_diff": diff}
