@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from modules.checkpoint import load_checkpoint, load_state_dict_strict, strip_module_prefix
-from modules.cli import run_main
+from modules.cli import add_aliases, run_main
 from modules.counter import count_macs, count_params
 from modules.lsq import PRESETS, QUANT_MODES, set_quant_mode
 from modules.named_models import get_named_model, model_names, reported_subnets
@@ -49,7 +49,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     what.add_argument("--all", action="store_true", help="every named model (table only)")
     p.add_argument("--dataset_path", default=None, help="ImageFolder root with a 'val' split (needs --checkpoint)")
     p.add_argument("--checkpoint", default=None, help="supernet or standalone-subnet checkpoint (.pth)")
-    p.add_argument("--quant_mode", choices=QUANT_MODES, default="fp32", help="(default: %(default)s)")
+    p.add_argument("--quant_mode", choices=QUANT_MODES, nargs="?", const="lsq", default="fp32",
+                   help="(default: %(default)s; a bare --quant_mode, the original's switch, means lsq)")
     p.add_argument("--quant_preset", choices=PRESETS, default="ort", help="LSQ+ preset (default: %(default)s)")
     p.add_argument("--num_classes", type=int, default=None,
                    help="classifier width (default: from the checkpoint, else 1000)")
@@ -66,6 +67,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="calibration shuffling seed (default: %(default)s)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="(default: %(default)s)")
     p.add_argument("--debug", action="store_true", help="print full tracebacks on errors")
+    for ours, *theirs in (("--data_dir", "--dataset_path", "--dataset_dir", "--data_path"),
+                          ("--batch_size", "--batch_size_per_gpu"),
+                          ("--num_calib_batches", "--post_bn_calibration_batch_num"),
+                          ("--workers", "--data_loader_workers_per_gpu")):
+        add_aliases(p, ours, *theirs)  # one name per concept across the scripts; the original's names
     return p
 
 
