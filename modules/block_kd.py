@@ -600,9 +600,10 @@ def run_block_kd(args: argparse.Namespace, phase: str, shard: tuple[int, int] | 
     calib_imgs = [b[0].to(device) for b in calib_batches(calib_loader, args.num_calib_batches)]
     eval_loader = build_loader(held, args.eval_batch_size, False, args.workers, info.distributed)
     eval_imgs = [b[0].to(device) for b in eval_loader]
-    cache = FeatureCache.build(teacher, calib_imgs, eval_imgs, hw_list, stages)
-    log.info("%s block KD of %s: %d student(s) (stages %s, blocks %s), %d train images, %d steps/epoch, "
-             "%d held-out images, resolutions %s, %d process(es)", phase, space.name, len(pairs), stages, blocks,
+    cache = FeatureCache.build(teacher, calib_imgs, eval_imgs, hw_list, sorted({x for x, _ in all_pairs}))
+    log.info("%s block KD of %s: %d student(s) (%s), %d train images, %d steps/epoch, "
+             "%d held-out images, resolutions %s, %d process(es)", phase, space.name, len(pairs),
+             " ".join(f"stage{x}_{b}" for x, b in pairs),
              len(train_set), steps_per_epoch, len(held), list(hw_list), info.world_size)
 
     total_steps = max(1, args.epochs * steps_per_epoch)
