@@ -32,7 +32,8 @@ import torch.nn as nn
 
 from modules.checkpoint import (atomic_save, atomic_write_text, build_checkpoint, load_checkpoint,
                                 load_state_dict_strict, set_rng_state, to_plain)
-from modules.cli import add_common_args, positive_int, run_main, save_run_info, setup_logging
+from modules.cli import add_aliases, add_common_args, positive_int, run_main, save_run_info, setup_logging
+from modules.data import DOWNSTREAM_DATASETS
 
 log = logging.getLogger("downstream_cls")
 LOG_HEADER = ["epoch", "lr", "train_loss", "train_top1", "val_top1", "seconds"]
@@ -41,8 +42,18 @@ LOG_HEADER = ["epoch", "lr", "train_loss", "train_top1", "val_top1", "seconds"]
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("downstream_cls", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--subnet_ckpt", required=True, help="subnet checkpoint written by export_subnet.py")
-    p.add_argument("--data_dir", required=True, help="ImageFolder root with train/ and the --val_split folder")
+    p.add_argument("--subnet_ckpt", default=None, help="subnet checkpoint written by export_subnet.py")
+    p.add_argument("--subnet_name", default=None,
+                   help="the original's way: a released subnet by name, e.g. SEQnet@vnni-A0 (needs --subnet_ckpt "
+                        "here: export it with export_subnet.py)")
+    p.add_argument("--imagenet_path", default=None,
+                   help="the original's BN-calibration data for --subnet_name (export_subnet.py --data_dir here)")
+    p.add_argument("--data_dir", default=None, help="ImageFolder root with train/ and the --val_split folder")
+    p.add_argument("--dataset", choices=list(DOWNSTREAM_DATASETS), default=None,
+                   help="a torchvision set (the original's names) read from --dataset_root, instead of --data_dir; "
+                        "its lr and weight decay default to the original's per-dataset values")
+    p.add_argument("--dataset_root", default="./datasets", help="torchvision layout (default: %(default)s)")
+    p.add_argument("--download", action="store_true", help="let torchvision download a missing --dataset")
     p.add_argument("--val_split", default="val")
     p.add_argument("--name", default=None, help="run name (default: <subnet_ckpt stem>_<data_dir name>)")
     p.add_argument("--quant_mode", choices=["auto", "fp32", "lsq"], default="auto",
@@ -51,9 +62,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="LSQ+ preset when switching an fp32 checkpoint to lsq (default ort)")
     p.add_argument("--epochs", type=positive_int, default=200)
     p.add_argument("--batch_size", type=positive_int, default=128)
-    p.add_argument("--lr", type=float, default=0.0125)
+    p.add_argument("--lr", type=float, default=None, help="(default: the --dataset's, else 0.0125)")
     p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight_decay", type=float, default=1e-5)
+    p.add_argument("--weight_decay", type=float, default=None, help="(default: the --dataset's, else 1e-5)")
     p.add_argument("--warmup_epochs", type=float, default=2.0)
     p.add_argument("--label_smoothing", type=float, default=0.1)
     p.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0: off)")
@@ -67,7 +78,43 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from <run dir>/checkpoint.pth")
     p.add_argument("--fresh", action="store_true", help="discard an existing checkpoint of this run")
     add_common_args(p)
+    for ours, *theirs in (("--workers", "--num_workers"), ("--warmup_epochs", "--lr_warmup"),
+                          ("--grad_clip", "--max_grad_norm")):
+        add_aliases(p, ours, *theirs)  # the original downstream_cls.py's names
     return p
+
+
+def recipe(args) -> tuple[float, float]:
+    """(lr, weight decay): the command line's, else the original's values for --dataset, else ours."""
+    _, _, lr, wd = DOWNSTREAM_DATASETS.get(args.dataset, (None, None, 0.0125, 1e-5))
+    return (lr if args.lr is None else args.lr), (wd if args.weight_decay is None else args.weight_decay)
+
+
+def num_classes_of(args) -> int:
+    """The class count fixes the head: the --dataset's, or ImageFolder's (non-hidden sub-folders of train/)."""
+    if args.dataset:
+        return DOWNSTREAM_DATASETS[args.dataset][1]
+    train_dir = Path(args.data_dir) / "train"
+    if not train_dir.is_dir():
+        raise FileNotFoundError(f"{train_dir} does not exist; expected an ImageFolder {args.data_dir}/train/<class>/*")
+    num_classes = sum(1 for e in os.scandir(train_dir) if e.is_dir() and not e.name.startswith("."))
+    if num_classes < 2:
+        raise ValueError(f"{train_dir}: {num_classes} class folder(s); a classifier needs at least 2")
+    return num_classes
+
+
+def build_datasets(args, image_size: int):
+    from modules.data import build_dataset, build_torchvision_dataset
+
+    if args.dataset:
+        return tuple(build_torchvision_dataset(args.dataset, args.dataset_root, train, image_size,
+                                               hflip=args.hflip and train, download=args.download)
+                     for train in (True, False))
+    train_ds = build_dataset(args.data_dir, "train", train=True, image_size=image_size, hflip=args.hflip)
+    val_ds = build_dataset(args.data_dir, args.val_split, train=False, image_size=image_size)
+    if val_ds.classes != train_ds.classes:
+        raise ValueError(f"{args.data_dir}: the classes of train/ and {args.val_split}/ differ")
+    return train_ds, val_ds
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -110,15 +157,21 @@ def save_subnet(model, path: Path, **extra) -> None:
 
 
 def main(args) -> dict:
-    from modules.data import build_dataset, build_loader, set_loader_epoch
+    from modules.data import build_loader, set_loader_epoch
     from modules.engine import evaluate_top1, param_groups
 
+    if args.subnet_ckpt is None:
+        raise ValueError(f"--subnet_name {args.subnet_name}: building it from the released supernet checkpoint is "
+                         "not available here yet; export it with export_subnet.py and pass --subnet_ckpt"
+                         if args.subnet_name else "give --subnet_ckpt (a subnet written by export_subnet.py)")
+    if (args.data_dir is None) == (args.dataset is None):
+        raise ValueError("give one of --data_dir (an ImageFolder) or --dataset (a torchvision set)")
     ckpt_path = Path(args.subnet_ckpt)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"--subnet_ckpt {ckpt_path} does not exist (write one with export_subnet.py)")
     if args.resume and args.fresh:
         raise ValueError("--resume and --fresh exclude each other")
-    name = args.name or f"{ckpt_path.stem}_{Path(args.data_dir).resolve().name}"
+    name = args.name or f"{ckpt_path.stem}_{args.dataset or Path(args.data_dir).resolve().name}"
     run_dir = Path(args.output_dir) / "downstream_cls" / name
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir, "downstream_cls")
@@ -126,19 +179,10 @@ def main(args) -> dict:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
 
-    # the class count (ImageFolder's: the non-hidden sub-folders of train/) fixes the head
-    train_dir = Path(args.data_dir) / "train"
-    if not train_dir.is_dir():
-        raise FileNotFoundError(f"{train_dir} does not exist; expected an ImageFolder {args.data_dir}/train/<class>/*")
-    num_classes = sum(1 for e in os.scandir(train_dir) if e.is_dir() and not e.name.startswith("."))
-    if num_classes < 2:
-        raise ValueError(f"{train_dir}: {num_classes} class folder(s); a classifier needs at least 2")
+    num_classes = num_classes_of(args)
     model, mode, preset, src = build_model(args, num_classes)
     image_size = args.image_size or model.resolution
-    train_ds = build_dataset(args.data_dir, "train", train=True, image_size=image_size, hflip=args.hflip)
-    val_ds = build_dataset(args.data_dir, args.val_split, train=False, image_size=image_size)
-    if val_ds.classes != train_ds.classes:
-        raise ValueError(f"{args.data_dir}: the classes of train/ and {args.val_split}/ differ")
+    train_ds, val_ds = build_datasets(args, image_size)
     train_loader = build_loader(train_ds, args.batch_size, train=True, workers=args.workers, seed=args.seed)
     val_loader = build_loader(val_ds, args.batch_size, train=False, workers=args.workers)
     model.to(device)
@@ -148,8 +192,9 @@ def main(args) -> dict:
     if args.only_train_head:
         for n, p in model.named_parameters():
             p.requires_grad = n.startswith("logits.")
-    groups = param_groups(model, args.weight_decay)
-    opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0)
+    lr, weight_decay = recipe(args)
+    groups = param_groups(model, weight_decay)
+    opt = torch.optim.SGD(groups, lr=lr, momentum=args.momentum, nesterov=args.momentum > 0)
     steps_per_epoch = len(train_loader) if args.steps_per_epoch is None else min(args.steps_per_epoch,
                                                                                  len(train_loader))
     total = steps_per_epoch * args.epochs
@@ -176,7 +221,7 @@ def main(args) -> dict:
     elif args.resume:
         log.warning("--resume: no checkpoint at %s; starting a new run", ckpt_file)
 
-    extra = {"source_subnet_checkpoint": str(ckpt_path), "dataset": str(args.data_dir),
+    extra = {"source_subnet_checkpoint": str(ckpt_path), "dataset": args.dataset or str(args.data_dir),
              "classes": list(train_ds.classes)}
     for epoch in range(start_epoch, args.epochs):
         t0 = time.perf_counter()

@@ -9,7 +9,16 @@ each on a fixed set of train batches, and measure its NSR against the teacher on
     python eval_block_kd.py --superspace tiny --latency_predictor ort_int8        # table from build_latency_table.py
     torchrun --nproc_per_node 2 eval_block_kd.py --superspace tiny                 # files sharded over ranks
 
-Writes <output_dir>/lut/<superspace>/stage{X}_{B}_{W}.csv (no header, 6 fields, 4 decimals; atomic). Files
+The original's command line (its README) runs as written, e.g.::
+
+    python eval_block_kd.py --superspace onnxw --platform onnx_lut --output_path ./checkpoints/block_kd/lut \\
+        --stage_list stage3_0 stage3_1 --width_window_filter 0 1 2 --hw_list 160 192 224 \\
+        --dataset_path ./dataset --checkpoint_path ./checkpoints/block_kd --teacher_checkpoint_path T.pth --debug
+
+(``--debug`` there means: evaluate each sub-stage on 10 held-out batches only; ``--traceback`` shows
+tracebacks.)
+
+Writes <lut_dir>/<superspace>/stage{X}_{B}_{W}.csv (--lut_dir default <output_dir>/lut) (no header, 6 fields, 4 decimals; atomic). Files
 that already hold N valid rows and are newer than their checkpoint are skipped. Rows are reproducible
 (also across sharding): file stage{X}_{B}_{W} uses the seed "lut-<seed>-stage{X}_{B}_{W}" and starts from
 the checkpoint; resolutions are stratified (each run of len(hw_list) rows is a permutation), so every file
@@ -27,9 +36,11 @@ import time
 
 import torch
 
-from modules.block_kd import DEFAULT_NSR_EPS, build_lut_shard, check_hw_list, check_selection, lut_jobs
+from modules.block_kd import (DEFAULT_NSR_EPS, add_block_ids_arg, build_lut_shard, check_hw_list, lut_jobs,
+                              selected_pairs)
 from modules.checkpoint import to_plain
-from modules.cli import add_common_args, run_main, save_run_info, setup_logging
+from modules.cli import add_aliases, add_common_args, run_main, save_run_info, setup_logging
+from modules.original_cli import add_original_option, parent_of, platform_name
 from modules.data import DEFAULT_DATA_DIR, prepare_default_data
 from modules.superspace import get_superspace
 
@@ -39,12 +50,21 @@ log = logging.getLogger("spaceevo.eval_block_kd")
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("eval_block_kd", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the original's --debug: a quick LUT (10 held-out batches per sub-stage); tracebacks: --traceback
+    parser.add_argument("--max_eval_batches", type=int, default=None,
+                        help="evaluate each sub-stage on this many held-out batches only (default: all)")
+    parser.add_argument("--debug", dest="max_eval_batches", action="store_const", const=10,
+                        help="as the original: --max_eval_batches 10")
+    parser.add_argument("--traceback", dest="debug", action="store_true", help="print full tracebacks on errors")
     add_common_args(parser)
     parser.add_argument("--superspace", default="tiny", help="mobilew | onnxw | tiny (default: %(default)s)")
     parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR, help="ImageFolder root (default: %(default)s)")
     parser.add_argument("--stages", type=int, nargs="+", default=None, help="stages 1..6 (default: all)")
     parser.add_argument("--blocks", type=int, nargs="+", default=None, help="candidate blocks (default: all)")
+    add_block_ids_arg(parser, "build LUTs of")
     parser.add_argument("--windows", type=int, nargs="+", default=None, help="width windows (default: all)")
+    parser.add_argument("--lut_dir", default=None, help="LUTs go to <lut_dir>/<superspace>/ (default: "
+                        "<output_dir>/lut)")
     parser.add_argument("--num_samples", "--num_samples_per_stage", dest="num_samples", type=int, default=1000,
                         help="rows per LUT file (default: %(default)s)")
     parser.add_argument("--hw_list", type=int, nargs="+", default=None,
@@ -66,20 +86,35 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1,
                         help="local processes sharing the files (default: %(default)s)")
     parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
+    _add_original_names(parser)
     return parser
+
+
+def _add_original_names(parser: argparse.ArgumentParser) -> None:
+    for ours, *theirs in (("--data_dir", "--dataset_path", "--dataset_dir", "--data_path"),
+                          ("--windows", "--width_window_filter"), ("--lut_dir", "--lut_path", "--output_path"),
+                          ("--teacher_weights", "--teacher_checkpoint_path"), ("--seed", "--manual_seed"),
+                          ("--no_progress", "--no-progress")):
+        add_aliases(parser, ours, *theirs)
+    add_original_option(parser, "--checkpoint_path", "output_dir", type=parent_of("block_kd"), metavar="DIR",
+                        help="<output_dir>/block_kd, which holds <superspace>/stageX_B/{checkpoint,lsq}.pth")
+    add_original_option(parser, "--platform", "latency_predictor", type=platform_name,
+                        help="--latency_predictor (tflite27_cpu_int8 -> tflite_int8, onnx_lut -> ort_int8)")
 
 
 def main(args: argparse.Namespace) -> dict:
     space = get_superspace(args.superspace)
-    stages, blocks = check_selection(space, args.stages, args.blocks)
+    pairs = selected_pairs(space, args.stages, args.blocks, args.block_ids)
     check_hw_list(space, args.hw_list)
     for name in ("num_samples", "valid_size", "eval_batch_size", "num_calib_batches", "calib_batch_size", "workers"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} {getattr(args, name)}: expected a positive integer")
-    jobs = lut_jobs(space, stages, blocks, args.windows)
+    if args.max_eval_batches is not None and args.max_eval_batches < 1:
+        raise ValueError(f"--max_eval_batches {args.max_eval_batches}: expected a positive integer")
+    jobs = lut_jobs(space, pairs, args.windows)
     # file sharding over torchrun ranks (read from the environment; no process group) x local workers
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    lut_root = os.path.join(args.output_dir, "lut")
+    lut_root = args.lut_dir or os.path.join(args.output_dir, "lut")
     setup_logging(None, "eval_block_kd")
     if rank == 0:
         save_run_info(args, os.path.join(lut_root, "logs", space.name + ("_fp32" if args.fp32_mode else "")))

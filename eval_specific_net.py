@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from modules.checkpoint import load_checkpoint, load_state_dict_strict, strip_module_prefix
-from modules.cli import run_main
+from modules.cli import add_aliases, run_main
 from modules.counter import count_macs, count_params
 from modules.lsq import PRESETS, QUANT_MODES, set_quant_mode
 from modules.named_models import get_named_model, model_names, reported_subnets
@@ -55,7 +55,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "the original keeps its released checkpoints")
     p.add_argument("--output_dir", default="./checkpoints",
                    help="checkpoint directory searched when --checkpoint is not given (default: %(default)s)")
-    p.add_argument("--quant_mode", choices=QUANT_MODES, default="fp32", help="(default: %(default)s)")
+    p.add_argument("--quant_mode", choices=QUANT_MODES, nargs="?", const="lsq", default="fp32",
+                   help="(default: %(default)s; a bare --quant_mode, the original's switch, means lsq)")
     p.add_argument("--quant_preset", choices=PRESETS, default=None,
                    help="LSQ+ preset (default: original for the original's checkpoints, else ort)")
     p.add_argument("--num_classes", type=int, default=None,
@@ -73,6 +74,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="calibration shuffling seed (default: %(default)s)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="(default: %(default)s)")
     p.add_argument("--debug", action="store_true", help="print full tracebacks on errors")
+    for ours, *theirs in (("--data_dir", "--dataset_path", "--dataset_dir", "--data_path"),
+                          ("--batch_size", "--batch_size_per_gpu"),
+                          ("--num_calib_batches", "--post_bn_calibration_batch_num"),
+                          ("--workers", "--data_loader_workers_per_gpu")):
+        add_aliases(p, ours, *theirs)  # one name per concept across the scripts; the original's names
     return p
 
 

@@ -2,8 +2,9 @@
 
 Examples::
 
-    # top-1 on the val split after BN recalibration (LSQ+ fake-quant with lsq.pth, fp32 with --quant_mode fp32)
-    python eval_supernet.py --mode acc --supernet tiny-123450-000000 --subnets d1#1#..._r48 best.json
+    # top-1 on the val split after BN recalibration (fp32 with checkpoint.pth, LSQ+ fake-quant with lsq.pth and
+    # --quant_mode [lsq])
+    python eval_supernet.py --mode acc --supernet tiny-123450-000000 --subnets d1#1#..._r48 best.json --quant_mode
     # predicted latency (and measured ONNX Runtime latency with --measure) of the same subnets
     python eval_supernet.py --mode lat --supernet tiny-123450-000000 --subnets best.json \\
         --latency_predictor ort_int8 --measure
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 from modules.checkpoint import atomic_write_text
-from modules.cli import add_common_args, run_main, setup_logging
+from modules.cli import add_aliases, add_common_args, run_main, setup_logging
 from modules.subnet_search import (SubnetEvaluator, SubnetSpace, add_supernet_args, build_eval_batches, calib_kwargs,
                                    load_predictor_for, load_supernet_checkpoint, resolve_checkpoint, resolve_data,
                                    resolve_subnet)
@@ -64,6 +65,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=20, help="lat --measure: minimum timed runs")
     p.add_argument("--csv", default=None, help="CSV path (default under <output_dir>/eval_supernet/<supernet>/)")
     add_common_args(p)
+    p.set_defaults(quant_mode="fp32")  # as the original: the fp32 checkpoint, LSQ+ with (a bare) --quant_mode
+    for ours, *theirs in (("--subnets", "--subnet_choice"), ("--supernet_dir", "--resume"),
+                          ("--batch_size", "--batch_size_per_gpu"),
+                          ("--num_calib_batches", "--post_bn_calibration_batch_num"),
+                          ("--workers", "--data_loader_workers_per_gpu")):
+        add_aliases(p, ours, *theirs)  # the original eval_supernet.py's names
     return p
 
 

@@ -27,10 +27,11 @@ import os
 import sys
 import time
 
-from modules.cli import positive_float, positive_int, run_main, save_run_info
+from modules.cli import add_aliases, positive_float, positive_int, run_main, save_run_info
 from modules.encoding import SupernetChoice, parse_supernet
 from modules.evolution import Evolution, aging_evolution
 from modules.lut import load_lut_dir
+from modules.original_cli import add_original_option, platform_name
 from modules.qt_score import QTScorer, fixed_stage_latency, load_fixed_latency
 from modules.superspace import SUPERSPACES, SuperSpace, get_superspace
 
@@ -69,6 +70,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_n", type=positive_int, default=10, help="spaces printed at the end")
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--debug", action="store_true", help="full tracebacks")
+    for names in (("--latency_constraint", "--latency_constraints"), ("--lut_dir", "--lut_path"),
+                  ("--score_only", "--supernet_choices"), ("--population", "--population_size"),
+                  ("--parents", "--parent_size"), ("--no_progress", "--no-progress")):
+        add_aliases(p, *names)  # one name per concept across the scripts; the original's names
+    add_original_option(p, "--platform", "latency_predictor", type=platform_name,
+                        help="--latency_predictor (tflite27_cpu_int8 -> tflite_int8, onnx_lut -> ort_int8)")
     return p
 
 

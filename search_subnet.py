@@ -40,7 +40,8 @@ from pathlib import Path
 import torch
 
 from modules.checkpoint import atomic_write_text
-from modules.cli import add_common_args, nonneg_int, positive_int, run_main, save_run_info, setup_logging
+from modules.cli import add_aliases, add_common_args, nonneg_int, positive_int, run_main, save_run_info, setup_logging
+from modules.original_cli import add_original_option, parent_of
 from modules.subnet_search import (WINDOW_SEED_OFFSET, LatencyOracle, SearchSettings, SubnetEvaluator, SubnetSpace,
                                    add_supernet_args, build_eval_batches, calib_kwargs, check_window,
                                    load_predictor_for, load_supernet_checkpoint, resolve_checkpoint, resolve_data,
@@ -97,7 +98,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_interval", type=float, default=30.0, help="seconds between state saves")
     p.add_argument("--no_progress", action="store_true")
     add_common_args(p)
+    _add_original_names(p)
     return p
+
+
+def _add_original_names(p: argparse.ArgumentParser) -> None:
+    """The original search_subnet.py's names of our options."""
+    for ours, *theirs in (("--supernet_dir", "--checkpoint_path"), ("--population", "--population_size"),
+                          ("--iterations", "--max_time_budget"), ("--num_crossovers", "--crossover_size"),
+                          ("--mutate_prob", "--arch_mutate_prob"), ("--max_crossover_tries", "--max_crossover_try"),
+                          ("--eval_top", "--test_top_num"), ("--seed", "--manual_seed"),
+                          ("--no_progress", "--no-progress")):
+        add_aliases(p, ours, *theirs)
+    add_original_option(p, "--output_path", "output_dir", type=parent_of("search_subnet"), metavar="DIR",
+                        help="<output_dir>/search_subnet, where the searches' dirs go")
+    add_original_option(p, "--mutation_size", "num_mutations", type=lambda t: nonneg_int(str(int(float(t)))),
+                        metavar="N", help="--num_mutations")
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -43,7 +43,8 @@ from torch.utils.data import Subset
 from modules import dist
 from modules.checkpoint import (atomic_save, atomic_write_text, build_checkpoint, find_resume, get_rng_state,
                                 load_checkpoint, load_state_dict_strict, set_rng_state, to_plain)
-from modules.cli import add_common_args, git_sha, run_main, save_run_info, seed_everything, setup_logging
+from modules.cli import (add_aliases, add_common_args, git_sha, run_main, save_run_info, seed_everything,
+                         setup_logging)
 from modules.data import AUGMENTATIONS
 from modules.encoding import parse_supernet
 from modules.engine import (AverageMeter, GracefulStop, ResizeCache, all_reduce_buffers, all_reduce_gradients,
@@ -51,6 +52,7 @@ from modules.engine import (AverageMeter, GracefulStop, ResizeCache, all_reduce_
                             init_lsq_scales, plot_curves, set_deterministic, step_rng, write_csv)
 from modules.losses import AdaptiveLossSoft, CrossEntropyLabelSmooth
 from modules.lsq import PRESETS, set_quant_mode
+from modules.original_cli import SupernetAction, SuperspaceAction, supernet_text, translate_train_yaml
 from modules.supernet import SuperNet
 
 log = logging.getLogger("train_supernet")
@@ -65,11 +67,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_common_args(p)
     bool_arg = argparse.BooleanOptionalAction
     g = p.add_argument_group("model")
-    g.add_argument("--supernet_choice", required=True,
+    g.add_argument("--supernet", "--supernet_choice", dest="supernet_choice", required=True, action=SupernetAction,
                    help="supernet encoding <superspace>-<blocks>-<windows>, e.g. tiny-151122-000000")
-    g.add_argument("--superspace", default=None,
-                   help="superspace prefix when --supernet_choice is given as <blocks>-<windows>")
-    g.add_argument("--quant_mode", choices=["fp32", "lsq"], default="fp32",
+    g.add_argument("--superspace", default=None, action=SuperspaceAction, supernet_dest="supernet_choice",
+                   help="superspace prefix when --supernet is given as <blocks>-<windows> or <blocks>_<windows>")
+    # a bare --quant_mode (the original's switch) means LSQ+
+    g.add_argument("--quant_mode", choices=["fp32", "lsq"], nargs="?", const="lsq", default="fp32",
                    help="fp32 training, or LSQ+ training starting from the fp32 checkpoint (default: %(default)s)")
     g.add_argument("--quant_preset", choices=list(PRESETS), default="ort",
                    help="what the LSQ+ fake-quant simulates (default: %(default)s)")
@@ -146,12 +149,25 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="deterministic kernels (bit-exact resume on CPU with a fixed --threads)")
     g.add_argument("--progress", action=bool_arg, default=True, help="tqdm progress bar")
     g.add_argument("--plot", action=bool_arg, default=True, help="draw curves.png after each validation")
+    _add_original_names(p)
     return p
+
+
+def _add_original_names(p: argparse.ArgumentParser) -> None:
+    """One name per concept across the scripts, and the original train_supernet.py's names (its train.yaml
+    keys too: `modules.original_cli.translate_train_yaml`)."""
+    for ours, *theirs in (("--data_dir", "--data_path", "--dataset_dir", "--dataset_path"),
+                          ("--num_calib_batches", "--bn_calib_batches", "--post_bn_calibration_batch_num"),
+                          ("--epochs", "--num_epochs"), ("--workers", "--data_loader_workers_per_gpu")):
+        add_aliases(p, ours, *theirs)
+    p.add_argument("--no_progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                   help="same as --no-progress")
+    p.translate_config = translate_train_yaml
 
 
 # ============================================================================ setup
 def supernet_encoding(args) -> str:
-    text = args.supernet_choice.strip()
+    text = supernet_text(args.supernet_choice)
     if args.superspace and not text.startswith(args.superspace + "-"):
         text = f"{args.superspace}-{text}"
     return str(parse_supernet(text))

@@ -446,6 +446,7 @@ def add_block_kd_args(parser: argparse.ArgumentParser, phase: str) -> argparse.A
     parser.add_argument("--stages", type=int, nargs="+", default=None, help="stages 1..6 to train (default: all)")
     parser.add_argument("--blocks", type=int, nargs="+", default=None,
                         help="candidate block indices to train (default: all)")
+    add_block_ids_arg(parser, "train")
     parser.add_argument("--epochs", type=int, default=3 if fp32 else 1, help="(default: %(default)s)")
     parser.add_argument("--max_steps_per_epoch", type=int, default=None,
                         help="cap on batches per epoch (default: the whole train split)")
@@ -484,7 +485,50 @@ def add_block_kd_args(parser: argparse.ArgumentParser, phase: str) -> argparse.A
     if not fp32:
         parser.add_argument("--quant_preset", default="ort", choices=["original", "ort", "tflite"],
                             help="LSQ+ preset (default: %(default)s)")
+    _add_original_block_kd_names(parser)
     return parser
+
+
+def add_block_ids_arg(parser: argparse.ArgumentParser, verb: str) -> None:
+    """``--block_ids stage1_0 stage3_2`` (alias ``--stage_list``, the original's name): exactly these (stage,
+    block) pairs, instead of every pair of --stages x --blocks."""
+    from modules.cli import add_aliases
+    from modules.original_cli import block_id
+
+    parser.add_argument("--block_ids", type=block_id, nargs="+", default=None, metavar="stageX_B",
+                        help=f"(stage, block) pairs to {verb}, e.g. stage1_0 stage3_2 (default: --stages x --blocks)")
+    add_aliases(parser, "--block_ids", "--stage_list")
+
+
+def _add_original_block_kd_names(parser: argparse.ArgumentParser) -> None:
+    """The original train_block_kd.py / lsq_block_kd.py names of our options."""
+    from modules.cli import add_aliases
+    from modules.original_cli import add_original_option, grandparent_of
+
+    for ours, *theirs in (("--data_dir", "--dataset_path", "--dataset_dir", "--data_path"),
+                          ("--epochs", "--num_epochs"), ("--batch_size", "--train_batch_size"),
+                          ("--lr_list", "--learning_rate_list"), ("--teacher_weights", "--teacher_checkpoint_path"),
+                          ("--seed", "--manual_seed"), ("--workers", "--num_workers"),
+                          ("--no_progress", "--no-progress")):
+        add_aliases(parser, ours, *theirs)
+    add_original_option(parser, "--output_path", "output_dir", type=grandparent_of("block_kd"), metavar="DIR",
+                        help="<output_dir>/block_kd/<superspace>, where the students' stageX_B dirs go")
+    parser.add_argument("--inplace_distill_from_teacher", action="store_true",
+                        help="every sub-stage learns from the teacher: always so here (the original without this "
+                             "flag distilled the smaller sub-stages from the largest one)")
+
+
+def selected_pairs(space: SuperSpace, stages, blocks, block_ids) -> list[tuple[int, int]]:
+    """The (stage, block) pairs of a run: ``block_ids`` when given, else every pair of stages x blocks."""
+    if not block_ids:
+        stages, blocks = check_selection(space, stages, blocks)
+        return [(x, b) for x in stages for b in blocks]
+    if stages or blocks:
+        raise ValueError("--block_ids (--stage_list) names the pairs itself: give it without --stages / --blocks")
+    pairs = sorted(set((int(x), int(b)) for x, b in block_ids))
+    for x, b in pairs:
+        check_selection(space, [x], [b])
+    return pairs
 
 
 def _check_args(args) -> None:
@@ -519,10 +563,9 @@ def run_block_kd(args: argparse.Namespace, phase: str, shard: tuple[int, int] | 
     ckpt_name, log_name, _ = PHASES[phase]
     _check_args(args)
     space = get_superspace(args.superspace)
-    stages, blocks = check_selection(space, args.stages, args.blocks)
+    all_pairs = selected_pairs(space, args.stages, args.blocks, args.block_ids)
     hw_list = check_hw_list(space, args.hw_list)
     root = Path(args.output_dir) / "block_kd" / space.name
-    all_pairs = [(x, b) for x in stages for b in blocks]
     pairs = all_pairs if shard is None else all_pairs[shard[0]::shard[1]]
     if phase == "lsq":
         missing = [str(stage_dir(args.output_dir, space.name, x, b) / "checkpoint.pth") for x, b in pairs
@@ -557,9 +600,10 @@ def run_block_kd(args: argparse.Namespace, phase: str, shard: tuple[int, int] | 
     calib_imgs = [b[0].to(device) for b in calib_batches(calib_loader, args.num_calib_batches)]
     eval_loader = build_loader(held, args.eval_batch_size, False, args.workers, info.distributed)
     eval_imgs = [b[0].to(device) for b in eval_loader]
-    cache = FeatureCache.build(teacher, calib_imgs, eval_imgs, hw_list, stages)
-    log.info("%s block KD of %s: %d student(s) (stages %s, blocks %s), %d train images, %d steps/epoch, "
-             "%d held-out images, resolutions %s, %d process(es)", phase, space.name, len(pairs), stages, blocks,
+    cache = FeatureCache.build(teacher, calib_imgs, eval_imgs, hw_list, sorted({x for x, _ in all_pairs}))
+    log.info("%s block KD of %s: %d student(s) (%s), %d train images, %d steps/epoch, "
+             "%d held-out images, resolutions %s, %d process(es)", phase, space.name, len(pairs),
+             " ".join(f"stage{x}_{b}" for x, b in pairs),
              len(train_set), steps_per_epoch, len(held), list(hw_list), info.world_size)
 
     total_steps = max(1, args.epochs * steps_per_epoch)
@@ -801,16 +845,17 @@ def _run_student_procs(args, phase: str, space: SuperSpace, pairs, hw_list, root
 
 
 # ------------------------------------------------------------------------------------------ LUT build
-def lut_jobs(space: SuperSpace, stages: Sequence[int], blocks: Sequence[int], windows: Sequence[int] | None
+def lut_jobs(space: SuperSpace, pairs: Sequence[tuple[int, int]], windows: Sequence[int] | None
              ) -> list[tuple[int, int, int]]:
-    """(stage, block, window) of every LUT file to build; `windows` filters the window indices."""
+    """(stage, block, window) of every LUT file to build for the (stage, block) `pairs`; `windows` filters the
+    window indices."""
     jobs = []
-    for x in stages:
+    for x, b in pairs:
         n = space.stage(SEARCHABLE[x - 1]).num_windows
         ws = range(n) if windows is None or len(windows) == 0 else [w for w in windows if 0 <= w < n]
-        jobs += [(x, b, w) for b in blocks for w in ws]
+        jobs += [(x, b, w) for w in ws]
     if not jobs:
-        allowed = {f"stage{x}": space.stage(SEARCHABLE[x - 1]).num_windows for x in stages}
+        allowed = {f"stage{x}": space.stage(SEARCHABLE[x - 1]).num_windows for x in sorted({x for x, _ in pairs})}
         raise ValueError(f"no LUT file selected: window indices {list(windows or [])} are out of range "
                          f"(windows per stage: {allowed})")
     return jobs
@@ -883,12 +928,11 @@ def build_lut_shard(cfg: dict, shard: int, num_shards: int, threads: int | None 
         tqdm.set_lock(threading.RLock())  # tqdm's default lock holds a multiprocessing semaphore that leaks here
     a = argparse.Namespace(**cfg)
     space = get_superspace(a.superspace)
-    stages, blocks = check_selection(space, a.stages, a.blocks)
     hw_list = check_hw_list(space, a.hw_list)
     lut_name = space.name + ("_fp32" if a.fp32_mode else "")
-    lut_dir = os.path.join(a.output_dir, "lut")
+    lut_dir = a.lut_dir or os.path.join(a.output_dir, "lut")
     ckpt_name = "checkpoint.pth" if a.fp32_mode else "lsq.pth"
-    jobs = lut_jobs(space, stages, blocks, a.windows)[shard::num_shards]
+    jobs = lut_jobs(space, selected_pairs(space, a.stages, a.blocks, a.block_ids), a.windows)[shard::num_shards]
     todo, skipped = [], 0
     for x, b, w in jobs:
         path = lut_file_path(lut_dir, lut_name, x, b, w)
@@ -921,7 +965,7 @@ def build_lut_shard(cfg: dict, shard: int, num_shards: int, threads: int | None 
     train_set, held = split_holdout(train_full, a.valid_size, a.seed, held_view)
     calib_loader = build_loader(Subset(held_view, train_set.indices), a.calib_batch_size, True, 0, False, a.seed + 1)
     calib_imgs = [bt[0] for bt in calib_batches(calib_loader, a.num_calib_batches)]
-    eval_imgs = [bt[0] for bt in build_loader(held, a.eval_batch_size, False, 0)]
+    eval_imgs = [bt[0] for bt in build_loader(held, a.eval_batch_size, False, 0)][:a.max_eval_batches]
     cache = FeatureCache.build(teacher, calib_imgs, eval_imgs, hw_list, sorted({x for x, _, _ in todo}))
 
     t0 = time.time()

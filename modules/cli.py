@@ -62,11 +62,54 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def add_aliases(parser: argparse.ArgumentParser, name: str, *aliases: str) -> argparse.Action:
+    """Declare other names of one option in one line: ``add_aliases(p, "--data_dir", "--data_path")``.
+
+    The option is the existing one that has any of the names; afterwards ``name`` is its first option string
+    (the one ``--help`` shows first), the others follow. The action is shared, so an alias means exactly what
+    the option means (type, nargs, required, default)."""
+    names = [name, *aliases]
+    found = {id(parser._option_string_actions[n]): parser._option_string_actions[n] for n in names
+             if n in parser._option_string_actions}
+    if len(found) != 1:
+        raise ValueError(f"add_aliases {names}: expected exactly one existing option among them, found {len(found)}")
+    action = next(iter(found.values()))
+    action.option_strings[:] = names + [o for o in action.option_strings if o not in names]
+    for n in names:
+        parser._option_string_actions[n] = action
+    return action
+
+
 def _add_config_arg(parser: argparse.ArgumentParser) -> None:
     if not _has_option(parser, "--config"):
         flags = ["--config"] if _has_option(parser, "-c") else ["-c", "--config"]
-        parser.add_argument(*flags, dest="config", default=None, metavar="FILE.yaml",
+        # --config-file: the original SpaceEvo's name of the same option
+        parser.add_argument(*flags, "--config-file", dest="config", default=None, metavar="FILE.yaml",
                             help="YAML file whose keys set this script's defaults; flags override it")
+
+
+def _add_launcher_args(parser: argparse.ArgumentParser) -> None:
+    """torch.distributed.launch appends ``--local-rank=N`` (older torch: ``--local_rank=N``) to every
+    process's arguments; torchrun does not. Both set LOCAL_RANK, which is what `modules.dist` reads."""
+    if not _has_option(parser, "--local_rank") and not _has_option(parser, "--local-rank"):
+        parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
+                            help="set by torch.distributed.launch (the rank used is LOCAL_RANK of the environment)")
+
+
+def _config_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Config key -> action: every argument dest, and every long option name (so an alias is a valid key)."""
+    actions: dict[str, argparse.Action] = {}
+    for a in parser._actions:
+        if a.dest in _SKIP_KEYS or a.dest is argparse.SUPPRESS or isinstance(a, argparse._VersionAction):
+            continue
+        actions.setdefault(a.dest, a)
+    for a in parser._actions:
+        if a.dest in _SKIP_KEYS or a.dest is argparse.SUPPRESS or a.default is argparse.SUPPRESS:
+            continue
+        for o in a.option_strings:
+            if o.startswith("--"):
+                actions.setdefault(o[2:].replace("-", "_"), a)
+    return actions
 
 
 def _config_path(parser: argparse.ArgumentParser, argv: Sequence[str]) -> str | None:
@@ -174,36 +217,38 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] 
     expected. Keys of :data:`RUN_INFO_KEYS` and ``config`` are ignored, so an ``args.yaml`` can be reused.
     """
     _add_config_arg(parser)
+    _add_launcher_args(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     config = _config_path(parser, argv)
     if config is not None:
         data = _load_yaml_mapping(config)
-        actions: dict[str, argparse.Action] = {}
-        for a in parser._actions:
-            if a.dest in _SKIP_KEYS or a.dest is argparse.SUPPRESS or isinstance(a, argparse._VersionAction):
-                continue
-            actions.setdefault(a.dest, a)
+        actions = _config_actions(parser)
+        translate = getattr(parser, "translate_config", None)
+        if translate is not None:  # e.g. the original SpaceEvo's train.yaml keys -> ours
+            data = translate(data, config, set(actions))
         defaults: dict[str, Any] = {}
         unknown: list[str] = []
         for raw_key, value in data.items():
             key = str(raw_key).lstrip("-").replace("-", "_")
             if key in actions:
-                defaults[key] = _convert(str(raw_key), value, actions[key], config)
+                defaults[actions[key].dest] = _convert(str(raw_key), value, actions[key], config)
             elif key in _SKIP_KEYS or key in RUN_INFO_KEYS:
                 continue
             else:
                 unknown.append(str(raw_key))
         if unknown:
-            allowed = sorted(actions)
+            allowed = sorted({a.dest for a in actions.values()})
             parts = []
             for k in unknown:
                 close = difflib.get_close_matches(k.lstrip("-").replace("-", "_"), allowed, n=1, cutoff=0.6)
                 parts.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             raise ValueError(f"config {config}: unknown key(s) {', '.join(parts)}; allowed keys: {', '.join(allowed)}")
-        for key in defaults:
-            if actions[key].required:
-                actions[key].required = False  # given by the config file
-        parser.set_defaults(**defaults)
+        for a in parser._actions:
+            if a.dest in defaults and a.required:
+                a.required = False  # given by the config file
+        for a in parser._actions:  # only the option itself: an original-name alias keeps no default of its own
+            if a.dest in defaults and a.default is not argparse.SUPPRESS:
+                a.default = defaults[a.dest]
     return parser.parse_args(argv)
 
 
@@ -318,7 +363,7 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
         parser.add_argument("--debug", action="store_true", help="print full tracebacks on errors")
     _one_line_usage_errors(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
+    debug = "--debug" in argv or "--traceback" in argv
     installed, old_term = threading.current_thread() is threading.main_thread(), None
     if installed:
         old_term = signal.signal(signal.SIGTERM, _raise_terminated)

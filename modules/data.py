@@ -299,3 +299,36 @@ def split_counts(root: str | os.PathLike, splits: Sequence[str] = ("train", "val
         out[split] = {c.name: sum(1 for f in c.rglob("*") if f.suffix.lower() in IMG_EXTENSIONS)
                       for c in sorted(path.iterdir()) if c.is_dir() and not c.name.startswith(".")}
     return out
+
+
+# ------------------------------------------------------------------------- torchvision classification sets
+# The original downstream_cls.py's datasets: name -> (train split keyword, classes, SGD lr, weight decay). The
+# lr / weight decay are its per-dataset recipe; the train split is "train=True" for CIFAR, else its split name.
+DOWNSTREAM_DATASETS = {
+    "CIFAR10": (None, 10, 0.0125, 4e-5),
+    "CIFAR100": (None, 100, 0.0125, 4e-5),
+    "Flowers102": ("train", 102, 0.15, 4e-6),
+    "OxfordIIITPet": ("trainval", 37, 0.00375, 4e-6),
+    "Food101": ("train", 101, 0.15, 4e-8),
+    "StanfordCars": ("train", 196, 0.15, 0.0),
+    "FGVCAircraft": ("trainval", 102, 0.075, 4e-8),
+}
+
+
+def build_torchvision_dataset(name: str, root: str | os.PathLike, train: bool, image_size: int,
+                              hflip: bool = False, download: bool = False):
+    """A torchvision classification set of `DOWNSTREAM_DATASETS` read from ``root`` (torchvision's layout),
+    with our train / eval transforms. Nothing is downloaded unless ``download``; a missing set is one
+    FileNotFoundError saying where it was looked for."""
+    import torchvision.datasets as tvd
+
+    if name not in DOWNSTREAM_DATASETS:
+        raise ValueError(f"dataset {name!r}: expected one of {', '.join(DOWNSTREAM_DATASETS)}")
+    split = DOWNSTREAM_DATASETS[name][0]
+    kwargs = {"train": train} if split is None else {"split": split if train else "test"}
+    transform = build_transform(train, int(image_size), hflip, 0.35)
+    try:
+        return getattr(tvd, name)(str(root), transform=transform, download=download, **kwargs)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+        raise FileNotFoundError(f"dataset {name} not found under {Path(root).resolve()} (torchvision layout; "
+                                f"{' '.join(str(e).split())}); pass --download to fetch it") from None

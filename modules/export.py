@@ -587,6 +587,15 @@ def named_model_entry(name: str) -> InputEntry:
     return parse_input_line(f"{superspace},{choice},{m.subnet}", f"model {name}", 0)
 
 
+def tool_input(input_path: str | None, models: Sequence[str], encodings: Sequence[str],
+               tool_dir: str | os.PathLike) -> str | None:
+    """The input a model tool reads: ``--input`` when given; with no --input, --model or --encoding at all, the
+    ``input.csv`` beside the tool, as the original tools read it (``python onnx_tools/benchmark.py``)."""
+    if input_path is not None or models or encodings:
+        return input_path
+    return str(Path(tool_dir) / "input.csv")
+
+
 def collect_entries(input_csv: str | None = None, models: Sequence[str] = (),
                     encodings: Sequence[str] = ()) -> list[InputEntry]:
     """Entries from an input.csv, published model names and ``superspace,choice,subnet`` strings."""

@@ -472,16 +472,18 @@ def run_subnet_search(space: SubnetSpace, lat: LatencyOracle, evaluator: Callabl
 
 
 # ------------------------------------------------------------------------------------------ supernet checkpoints
-def find_supernet_checkpoint(output_dir: str | os.PathLike, encoding: str, quant_mode: str = "lsq") -> Path:
-    """`<output_dir>/supernet_training/<encoding>/{checkpoint,lsq}.pth` (lsq.pth for quant_mode "lsq"); the
-    original SpaceEvo's directory names for the supernet (``spaceevo@vnni``, ``<encoding>-align0``) are looked in
-    too, so its released and trained checkpoints are found where it put them."""
+def find_supernet_checkpoint(output_dir: str | os.PathLike, encoding: str, quant_mode: str = "lsq",
+                             supernet_dir: str | os.PathLike | None = None) -> Path:
+    """`<supernet_dir>/<encoding>/{checkpoint,lsq}.pth` (lsq.pth for quant_mode "lsq"); `supernet_dir` defaults
+    to `<output_dir>/supernet_training`. The original SpaceEvo's directory names for the supernet
+    (``spaceevo@vnni``, ``<encoding>-align0``) are looked in too, so its released and trained checkpoints are
+    found where it put them."""
     from modules.original import original_dir_names
 
     if quant_mode not in ("fp32", "lsq"):
         raise ValueError(f"quant mode {quant_mode!r}: expected fp32 or lsq")
     name = "lsq.pth" if quant_mode == "lsq" else "checkpoint.pth"
-    root = Path(output_dir) / "supernet_training"
+    root = Path(supernet_dir) if supernet_dir else Path(output_dir) / "supernet_training"
     for d in [encoding, *original_dir_names(encoding)]:
         if (root / d / name).is_file():
             return root / d / name
@@ -615,14 +617,24 @@ def load_supernet_checkpoint(path: str | os.PathLike, encoding: str | None = Non
 
 def add_supernet_args(p: argparse.ArgumentParser) -> None:
     """--supernet / --checkpoint / --quant_mode / --data_dir / --image_size / calibration options."""
-    p.add_argument("--supernet", default=None, help="supernet encoding, e.g. tiny-123450-000000 (default: read "
-                   "from --checkpoint)")
-    p.add_argument("--checkpoint", default=None, help="supernet checkpoint (default: <output_dir>/supernet_training/"
-                   "<supernet>/lsq.pth, or checkpoint.pth with --quant_mode fp32)")
-    p.add_argument("--quant_mode", choices=["lsq", "fp32"], default="lsq",
+    from modules.cli import add_aliases
+    from modules.original_cli import SupernetAction, SuperspaceAction
+
+    p.add_argument("--supernet", "--supernet_choice", action=SupernetAction, default=None,
+                   help="supernet encoding, e.g. tiny-123450-000000, or <blocks>-<windows> / <blocks>_<windows> "
+                        "with --superspace (default: read from --checkpoint)")
+    p.add_argument("--superspace", action=SuperspaceAction, supernet_dest="supernet", default=None,
+                   help="superspace of a --supernet given without it (the original's --superspace)")
+    p.add_argument("--checkpoint", default=None, help="supernet checkpoint (default: <supernet_dir>/<supernet>/"
+                   "lsq.pth, or checkpoint.pth with --quant_mode fp32)")
+    p.add_argument("--supernet_dir", default=None, help="dir of the supernet training runs, <supernet>/ (or the "
+                   "original's <supernet>-align0/) in it (default: <output_dir>/supernet_training)")
+    # a bare --quant_mode (the original's switch) means LSQ+
+    p.add_argument("--quant_mode", choices=["lsq", "fp32"], nargs="?", const="lsq", default="lsq",
                    help="which default checkpoint to load (the mode itself is read from the checkpoint)")
     p.add_argument("--data_dir", default=None, help="ImageFolder root with train/ and val/ (default: the supernet "
                    "training's data: its --data_path, or the digits set in <its output_dir>/data/digits)")
+    add_aliases(p, "--data_dir", "--dataset_path", "--dataset_dir", "--data_path")
     p.add_argument("--image_size", type=positive_int, default=None,
                    help="loader image size (default: the training's, else the superspace's largest resolution)")
     p.add_argument("--calib_augment", action="store_true",
@@ -643,6 +655,7 @@ def add_supernet_args(p: argparse.ArgumentParser) -> None:
                    help="seed of the holdout permutation and of the calibration batches (default: the supernet "
                         "training's --seed, else 0)")
     p.add_argument("--cache_limit_gb", type=float, default=4.0, help="memory for cached (resized) batches")
+    add_aliases(p, "--valid_size", "--holdout_size")  # one name for hold-out sizes across the scripts
 
 
 def calib_kwargs(data: dict) -> dict:
@@ -709,7 +722,7 @@ def resolve_checkpoint(args) -> Path:
         return path
     if not args.supernet:
         raise ValueError("give --supernet ENCODING (or --checkpoint PATH)")
-    return find_supernet_checkpoint(args.output_dir, args.supernet, args.quant_mode)
+    return find_supernet_checkpoint(args.output_dir, args.supernet, args.quant_mode, args.supernet_dir)
 
 
 # ------------------------------------------------------------------------------------------ subnet checkpoints

@@ -28,10 +28,12 @@ if __package__ in (None, ""):  # run as `python onnx_tools/benchmark.py`
 from modules.cli import add_common_args, run_main  # noqa: E402
 
 DEFAULT_MODEL_DIR = "./checkpoints/onnx_models"
+HERE = Path(__file__).resolve().parent  # the tool's own input.csv lives here
 
 
 def add_benchmark_args(p: argparse.ArgumentParser, default_model_dir: str, ext: str) -> None:
-    p.add_argument("--input", default=None, help=f"input.csv of models, or a directory of *{ext} / *_int8{ext} files")
+    p.add_argument("--input", default=None, help=f"input.csv of models, or a directory of *{ext} / *_int8{ext} files (default with no "
+                   "--model / --encoding: input.csv beside the script)")
     p.add_argument("--model", action="append", default=[], help="published subnet name, e.g. SEQnet@vnni-A0")
     p.add_argument("--encoding", action="append", default=[], help="'<superspace>,<blocks>-<windows>,<subnet>'")
     p.add_argument("--model_dir", default=default_model_dir, help="where the exported files of input.csv entries "
@@ -54,7 +56,10 @@ def main(args):
     from modules.benchmark import (benchmark_onnx, benchmark_pairs, format_latency_table, models_to_benchmark,
                                    write_latency_csv)
 
-    pairs, out_dir = models_to_benchmark(args.input, args.model_dir, ".onnx", args.model, args.encoding)
+    from modules.export import tool_input
+
+    source = tool_input(args.input, args.model, args.encoding, HERE)
+    pairs, out_dir = models_to_benchmark(source, args.model_dir, ".onnx", args.model, args.encoding)
     rows = benchmark_pairs(pairs, benchmark_onnx, threads=args.threads, warmup=args.warmup, runs=args.runs,
                            seed=args.seed)
     out = write_latency_csv(args.output or out_dir / "latency.csv", rows)

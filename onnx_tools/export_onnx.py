@@ -26,11 +26,13 @@ if __package__ in (None, ""):  # run as `python onnx_tools/export_onnx.py`
 from modules.cli import add_common_args, run_main  # noqa: E402
 
 DEFAULT_OUTPUT_DIR = "./checkpoints/onnx_models"
+HERE = Path(__file__).resolve().parent  # the tool's own input.csv lives here
 
 
 def add_model_source_args(p: argparse.ArgumentParser) -> None:
     """--input / --model / --encoding, --skip_weights / --checkpoint, --num_classes, calibration."""
-    p.add_argument("--input", default=None, help="input.csv: <superspace>,<blocks>-<windows>,<subnet> per line")
+    p.add_argument("--input", default=None, help="input.csv: <superspace>,<blocks>-<windows>,<subnet> per line "
+                   "(default with no --model / --encoding: input.csv beside this script)")
     p.add_argument("--model", action="append", default=[], help="published subnet name, e.g. SEQnet@vnni-A0 "
                    "(repeatable)")
     p.add_argument("--encoding", action="append", default=[],
@@ -60,9 +62,9 @@ def get_args_parser():
 
 def load_models(args):
     """Yield (InputEntry, eval-mode model) for the script's model sources (weights as requested)."""
-    from modules.export import build_model_from_encoding, collect_entries
+    from modules.export import build_model_from_encoding, collect_entries, tool_input
 
-    entries = collect_entries(args.input, args.model, args.encoding)
+    entries = collect_entries(tool_input(args.input, args.model, args.encoding, HERE), args.model, args.encoding)
     if not entries:
         raise ValueError("nothing to export: give --input <input.csv>, --model <name> or --encoding <line>")
     if args.checkpoint is not None:

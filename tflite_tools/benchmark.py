@@ -25,6 +25,7 @@ from modules.cli import add_common_args, run_main  # noqa: E402
 from onnx_tools.benchmark import add_benchmark_args  # noqa: E402
 
 DEFAULT_MODEL_DIR = "./checkpoints/tflite_models"
+HERE = Path(__file__).resolve().parent  # the tool's own input.csv lives here
 
 
 def get_args_parser():
@@ -40,7 +41,10 @@ def main(args):
     from modules.benchmark import (benchmark_pairs, benchmark_tflite, format_latency_table, models_to_benchmark,
                                    write_latency_csv)
 
-    pairs, out_dir = models_to_benchmark(args.input, args.model_dir, ".tflite", args.model, args.encoding)
+    from modules.export import tool_input
+
+    source = tool_input(args.input, args.model, args.encoding, HERE)
+    pairs, out_dir = models_to_benchmark(source, args.model_dir, ".tflite", args.model, args.encoding)
     rows = benchmark_pairs(pairs, benchmark_tflite, threads=args.threads, warmup=args.warmup, runs=args.runs,
                            use_xnnpack=not args.no_xnnpack, seed=args.seed)
     out = write_latency_csv(args.output or out_dir / "latency.csv", rows)
