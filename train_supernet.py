@@ -47,6 +47,7 @@ from modules.cli import (add_aliases, add_common_args, git_sha, run_main, save_r
                          setup_logging)
 from modules.data import AUGMENTATIONS
 from modules.encoding import parse_supernet
+from modules.original import from_original_state, is_original_state
 from modules.engine import (AverageMeter, GracefulStop, ResizeCache, all_reduce_buffers, all_reduce_gradients,
                             broadcast_module, build_sgd, build_warmup_cosine, calibrate_bn, evaluate_top1,
                             init_lsq_scales, plot_curves, set_deterministic, step_rng, write_csv)
@@ -255,6 +256,8 @@ class Run:
 
 def load_run_checkpoint(path: Path, encoding: str, quant_mode: str, preset: str | None) -> dict:
     ckpt = load_checkpoint(path)
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict) and is_original_state(ckpt["state_dict"]):
+        ckpt = _from_original(ckpt, path, encoding, quant_mode)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"checkpoint {path} has no 'model' entry: not a supernet training checkpoint")
     found = ckpt.get("supernet")
@@ -267,6 +270,42 @@ def load_run_checkpoint(path: Path, encoding: str, quant_mode: str, preset: str 
         raise ValueError(f"checkpoint {path} uses LSQ+ preset {ckpt.get('quant_preset')!r}; "
                          f"resume with --quant_preset {ckpt.get('quant_preset')}")
     return ckpt
+
+
+def _from_original(ckpt: dict, path: Path, encoding: str, quant_mode: str) -> dict:
+    """An original SpaceEvo fp32 checkpoint as one of ours (weights only: its optimizer state belongs to its own
+    parameter order), so that our LSQ+ phase can start from the original's fp32 training."""
+    state = ckpt["state_dict"]
+    head = next((v for k, v in state.items() if k.endswith("stages.logits.blocks.0.linear.weight")), None)
+    net = SuperNet(parse_supernet(encoding), None if head is None else int(head.shape[0]))
+    ours, mode = from_original_state(state, net, f"checkpoint {path} (supernet {encoding})")
+    if mode != "fp32" or quant_mode != "fp32":
+        raise ValueError(f"checkpoint {path} is an original SpaceEvo {mode} checkpoint: only its fp32 checkpoint "
+                         "can start training here (our LSQ+ phase); evaluate or export its LSQ+ checkpoint instead")
+    args = ckpt.get("args") or {}
+    epoch, epochs = ckpt.get("epoch"), args.get("epochs") if isinstance(args, dict) else None
+    return {"model": ours, "supernet": encoding, "quant_mode": "fp32", "epoch": epoch, "epochs": epochs,
+            "complete": None if epoch is None or epochs is None else epoch >= epochs}
+
+
+def _fp32_source(args, run: Run, encoding: str) -> Path:
+    """--fp32_checkpoint, else our fp32 run's checkpoint, else one where the original keeps it."""
+    from modules.subnet_search import find_supernet_checkpoint
+
+    if args.fp32_checkpoint:
+        path = Path(args.fp32_checkpoint)
+    elif run.fp32.is_file():
+        path = run.fp32
+    else:
+        try:
+            path = find_supernet_checkpoint(args.output_dir, encoding, "fp32")
+        except FileNotFoundError:
+            path = run.fp32
+    if not path.is_file():
+        raise FileNotFoundError(f"--quant_mode lsq starts from the fp32 supernet checkpoint {path}, which "
+                                f"does not exist; train {encoding} in fp32 first (same --output_dir) or pass "
+                                "--fp32_checkpoint")
+    return path
 
 
 def state_digest(model: torch.nn.Module) -> str:
@@ -535,11 +574,7 @@ def main(args: argparse.Namespace) -> int:
     resume_path = find_resume(run.dir, run.last.name) if args.resume else None
     fp32_path = None
     if lsq and resume_path is None:
-        fp32_path = Path(args.fp32_checkpoint) if args.fp32_checkpoint else run.fp32
-        if not fp32_path.is_file():
-            raise FileNotFoundError(f"--quant_mode lsq starts from the fp32 supernet checkpoint {fp32_path}, which "
-                                    f"does not exist; train {encoding} in fp32 first (same --output_dir) or pass "
-                                    "--fp32_checkpoint")
+        fp32_path = _fp32_source(args, run, encoding)
 
     info = dist.init_distributed_mode(args.device)
     if args.threads:

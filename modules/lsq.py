@@ -308,9 +308,18 @@ class ActQuantizer(_Quantizer):
             return x
         if not self.initialized:
             self.init_from(x)
+        if self.integer_zero_point and not self.training:
+            return self.fake_quant_as_deployed(x)
         g = 1.0 / math.sqrt(x.numel() // x.shape[0] * (self.qmax - self.qmin)) if self.training else 1.0
         scale, offset = self._constrained()
         return quantize_activation(x, scale, offset, self.qmin, self.qmax, self.integer_zero_point, g)
+
+    def fake_quant_as_deployed(self, x):
+        """The backend presets' eval mode: torch's fake-quant op with the integer (scale, zero point), the op the
+        deployed model runs. It rounds x * (1/s); x / s, as training computes, rounds differently at a few
+        values per million, and each such flip travels through the network (~1 % of the logits)."""
+        s, zp = self.qparams()
+        return torch.fake_quantize_per_tensor_affine(x, s, zp, self.qmin, self.qmax)
 
     def _constrained(self):
         """(scale, offset) with the `unsigned` / `max_value` constraints of the backend presets applied."""

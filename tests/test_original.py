@@ -124,3 +124,87 @@ def test_original_directory_names():
     assert original.supernet_from_dir_name("spaceevo@vnni") == "onnxw-151122-023231"
     assert original.supernet_from_dir_name("mobilew-312120-155501-align0") == "mobilew-312120-155501"
     assert original.supernet_from_dir_name("checkpoints") is None
+
+
+def test_eval_specific_net_finds_the_released_files_where_the_original_keeps_them(original_checkpoints, digits_root,
+                                                                                   capsys):
+    import eval_specific_net
+    from modules.cli import parse_args_with_config
+
+    fixture, paths = original_checkpoints
+    exp = fixture["expected"]
+    name = next(n for n, sub in (("SEQnet@vnni-A0", "vnni"), ("SEQnet@pixel4-A4", "pixel4")) if sub in exp["subnet_name"])
+    out = paths["lsq"].parents[2]  # <output_dir>/supernet_training/spaceevo@.../lsq.pth
+    argv = ["--model_name", name, "--dataset_dir", str(digits_root), "--output_dir", str(out), "--max_batches", "1",
+            "--num_calib_batches", "1", "--batch_size", "8", "--calib_batch_size", "8"]
+    for extra in ([], ["--quant_mode"]):  # fp32 (checkpoint.pth), then the original's bare switch (lsq.pth)
+        rows = eval_specific_net.main(parse_args_with_config(eval_specific_net.get_args_parser(), argv + extra))
+        assert [(r["name"], r["subnet"]) for r in rows] == [(name, exp["subnet"])]
+        assert 0.0 <= rows[0]["top1"] <= 100.0
+    with pytest.raises(FileNotFoundError, match=r"put the released spaceevo@\S+ lsq.pth at .*supernet_training"):
+        eval_specific_net.main(parse_args_with_config(eval_specific_net.get_args_parser(),
+                                                      [*argv[:4], "--output_dir", str(out / "elsewhere"),
+                                                       "--quant_mode"]))
+
+
+def _tiny_original_checkpoint(out, encoding: str, lsq: bool):
+    """A tiny supernet written in the original's format and directory layout (our exporter writes exactly the
+    original's keys, checked against its real key lists above)."""
+    torch.manual_seed(0)
+    net = supernet_from_encoding(encoding, num_classes=10)
+    if lsq:
+        set_quant_mode(net, "lsq", "original")
+        with torch.no_grad():
+            net(torch.randn(4, 3, 64, 64))  # min-max init of the scalars
+    name = "lsq.pth" if lsq else "checkpoint.pth"
+    path = save_original_checkpoint(original.to_original_state(net), out / "supernet_training" / f"{encoding}-align0"
+                                    / name, encoding)
+    return net, path
+
+
+def test_lsq_training_starts_from_the_originals_fp32_checkpoint(tmp_path, digits_root):
+    import train_supernet
+    from modules.cli import parse_args_with_config
+    from modules.subnet_search import load_supernet_checkpoint
+
+    enc = "tiny-111111-000000"
+    net, _ = _tiny_original_checkpoint(tmp_path, enc, lsq=False)
+    argv = ["--superspace", "tiny", "--supernet_choice", enc.split("-", 1)[1], "--quant_mode", "--output_dir",
+            str(tmp_path), "--data_path", str(digits_root), "--image_size", "32", "--batch_size_per_gpu", "8",
+            "--max_train_samples", "16", "--valid_size", "8", "--eval_batch_size", "8", "--bn_calib_batches", "1",
+            "--valid_freq", "1", "--lsq_epochs", "1", "--lsq_warmup_epochs", "0", "--lsq_base_lr", "1e-30",
+            "--weight_decay", "0", "--threads", "1", "--no-progress", "--no-plot"]
+    assert train_supernet.main(parse_args_with_config(train_supernet.get_args_parser(), argv)) == 0
+    trained, info = load_supernet_checkpoint(tmp_path / "supernet_training" / enc / "lsq.pth", log=lambda m: None)
+    assert info["quant_mode"] == "lsq"
+    # lr 1e-30 (below every weight's float32 resolution): the weights are still the original checkpoint's
+    w = dict(trained.named_parameters())
+    for key, value in net.named_parameters():
+        assert torch.allclose(w[key].detach(), value.detach(), rtol=1e-6, atol=1e-20), key
+
+
+def test_original_lsq_checkpoint_deploys_to_onnx_int8(tmp_path, digits_root):
+    import export_subnet
+    from modules import deploy
+    from modules.cli import parse_args_with_config
+    from modules.subnet_search import load_subnet_checkpoint
+
+    enc = "tiny-151122-000000"
+    _, path = _tiny_original_checkpoint(tmp_path, enc, lsq=True)
+    argv = ["--checkpoint", str(path), "--subnet", "max", "--data_dir", str(digits_root), "--image_size", "32",
+            "--num_calib_batches", "2", "--calib_batch_size", "16", "--quant_preset", "ort",
+            "--output", str(tmp_path / "sub.pth"), "--output_dir", str(tmp_path)]
+    export_subnet.main(parse_args_with_config(export_subnet.get_args_parser(), argv))
+    model = load_subnet_checkpoint(tmp_path / "sub.pth")
+    assert deploy.model_preset(model) == "ort"
+    onnx_file = deploy.export_onnx_int8(model, tmp_path / "sub_int8.onnx")
+    x = torch.randn(16, 3, model.resolution, model.resolution, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x).numpy()
+        torch.testing.assert_close(deploy.deploy_model(model, "torch")(x).numpy(), ref, rtol=0, atol=0)
+    y = deploy.run_onnx_batch(onnx_file, x)
+    # an untrained net with tiny logits: ORT's integer requantization moves them by a few %, not the winner
+    assert deploy.relative_error(y, ref) < 0.1 and (y.argmax(1) == ref.argmax(1)).mean() >= 0.9
+    import onnx
+    ops = {n.op_type for n in onnx.load(onnx_file).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops  # QDQ graph: ORT fuses it into QLinearConv
