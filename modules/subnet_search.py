@@ -740,6 +740,19 @@ def save_subnet_checkpoint(subnet: nn.Module, path: str | os.PathLike, **extra) 
     return atomic_save(ckpt, path)
 
 
+def extract_subnet(net: nn.Module, cfg: SubnetConfig | str, calib: list | None, device="cpu") -> tuple[nn.Module, int]:
+    """(standalone eval-mode subnet of supernet `net` with `cfg` active, BN calibration images seen): its BN
+    statistics recalibrated on the `calib` image batches (None keeps the supernet's), as the original does
+    before it evaluates or fine-tunes a subnet."""
+    from modules.engine import calibrate_bn
+
+    net.set_active_subnet(cfg)
+    seen = calibrate_bn(net, calib, len(calib), device) if calib else 0
+    sub = net.get_active_subnet(preserve_weight=True).eval()
+    sub.resolution = sub.active_resolution
+    return sub, seen
+
+
 def load_subnet_checkpoint(path: str | os.PathLike, device="cpu", num_classes: int | None = None,
                            new_head: bool = False, quant_mode: str | None = None, quant_preset: str | None = None,
                            return_ckpt: bool = False):

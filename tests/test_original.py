@@ -6,6 +6,8 @@ with its LSQ+ fake quantization, for weights rebuilt from a seeded recipe.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -208,3 +210,27 @@ def test_original_lsq_checkpoint_deploys_to_onnx_int8(tmp_path, digits_root):
     import onnx
     ops = {n.op_type for n in onnx.load(onnx_file).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops  # QDQ graph: ORT fuses it into QLinearConv
+
+
+def test_downstream_fine_tunes_a_released_subnet_by_name(original_checkpoints, digits_root):
+    """The original's `downstream_cls.py --subnet_name SEQnet@... --imagenet_path P`: the subnet comes out of the
+    released supernet checkpoint (LSQ+, original preset), BN recalibrated, and is fine-tuned with a new head."""
+    import downstream_cls
+    from modules.cli import parse_args_with_config
+    from modules.subnet_search import load_subnet_checkpoint
+
+    fixture, paths = original_checkpoints
+    name = "SEQnet@vnni-A0" if "vnni" in fixture["expected"]["subnet_name"] else "SEQnet@pixel4-A0"
+    out = paths["lsq"].parents[2]
+    argv = ["--subnet_name", name, "--imagenet_path", str(digits_root), "--data_dir", str(digits_root),
+            "--output_dir", str(out), "--num_calib_batches", "1", "--calib_batch_size", "8", "--epochs", "1",
+            "--batch_size", "8", "--steps_per_epoch", "2", "--max_eval_batches", "1", "--image_size", "32",
+            "--fresh"]
+    result = downstream_cls.main(parse_args_with_config(downstream_cls.get_args_parser(), argv))
+    from modules.named_models import get_named_model
+
+    extracted = load_subnet_checkpoint(out / "subnets" / f"{name}.pth")
+    assert str(extracted.get_active_subnet_config()) == get_named_model(name).subnet
+    assert {q.preset for q in quantizers(extracted) if q.enabled} == {"original"}
+    tuned = load_subnet_checkpoint(Path(result["run_dir"]) / "final.pth")
+    assert tuned.logits.linear.weight.shape[0] == 10 and result["quant_mode"] == "lsq"
