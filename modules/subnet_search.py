@@ -506,14 +506,18 @@ def _ckpt_meta(ckpt: dict, *names: str):
     return None
 
 
-def _state_of(ckpt: Any, path) -> dict:
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
-        state = ckpt["model"]
-    elif isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
-        state = ckpt["state_dict"]
-    else:
-        raise ValueError(f"checkpoint {path}: expected a dict with a 'model' state dict")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+def state_dict_of(ckpt: Any, path) -> dict:
+    """The state dict of a loaded checkpoint: under ``model`` (ours), ``state_dict`` (the original's) or bare;
+    ``module.`` prefixes (DDP) removed."""
+    from modules.checkpoint import strip_module_prefix
+
+    if isinstance(ckpt, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(ckpt.get(key), dict):
+                return strip_module_prefix(ckpt[key])
+        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            return strip_module_prefix(ckpt)
+    raise ValueError(f"checkpoint {path}: expected a state dict, bare or under 'model' / 'state_dict'")
 
 
 def _state_quant(state: dict) -> tuple[str, str | None]:
@@ -602,7 +606,7 @@ def load_supernet_checkpoint(path: str | os.PathLike, encoding: str | None = Non
     log = log or (lambda msg: print(msg, file=sys.stderr))
     path = Path(path)
     ckpt = load_checkpoint(path)
-    state = _state_of(ckpt, path)
+    state = state_dict_of(ckpt, path)
     if is_original_state(state):
         net, mode, preset = _load_original(ckpt, state, path, encoding)
     else:

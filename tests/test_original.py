@@ -234,3 +234,30 @@ def test_downstream_fine_tunes_a_released_subnet_by_name(original_checkpoints, d
     assert {q.preset for q in quantizers(extracted) if q.enabled} == {"original"}
     tuned = load_subnet_checkpoint(Path(result["run_dir"]) / "final.pth")
     assert tuned.logits.linear.weight.shape[0] == 10 and result["quant_mode"] == "lsq"
+
+
+def test_convert_checkpoint_both_ways(tmp_path):
+    import convert_checkpoint
+    from modules.checkpoint import load_checkpoint
+    from modules.cli import parse_args_with_config
+    from modules.subnet_search import load_supernet_checkpoint
+
+    enc = "tiny-151122-000000"
+    _, orig_path = _tiny_original_checkpoint(tmp_path, enc, lsq=True)
+
+    def convert(src, out):
+        return convert_checkpoint.main(parse_args_with_config(convert_checkpoint.get_args_parser(),
+                                                              ["--checkpoint", str(src), "--output", str(out)]))
+
+    assert convert(orig_path, tmp_path / "ours.pth")["format"] == "ours"
+    assert convert(tmp_path / "ours.pth", tmp_path / "back" / "lsq.pth")["format"] == "original"
+    nets = [load_supernet_checkpoint(p, enc, log=lambda m: None)[0]
+            for p in (orig_path, tmp_path / "ours.pth", tmp_path / "back" / "lsq.pth")]
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        outs = [n(x) for n in nets]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    back = load_checkpoint(tmp_path / "back" / "lsq.pth")["state_dict"]
+    assert list(back) == list(load_checkpoint(orig_path)["state_dict"])
+    with pytest.raises(ValueError, match="is the input checkpoint"):
+        convert(orig_path, orig_path)
