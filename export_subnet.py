@@ -34,7 +34,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_supernet_args(p)
     p.add_argument("--subnet", required=True,
-                   help="subnet encoding, 'max', 'min', or a JSON file with a 'subnet' key (search_subnet's best.json)")
+                   help="subnet encoding, a published subnet's name (SEQnet@vnni-A0), 'max', 'min', or a JSON file with "
+                        "a 'subnet' key (search_subnet's best.json)")
     p.add_argument("--no_calib", action="store_true",
                    help="keep the supernet's BN statistics instead of recalibrating them for this subnet")
     p.add_argument("--quant_preset", default=None, choices=BACKEND_PRESETS,

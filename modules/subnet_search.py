@@ -135,11 +135,18 @@ class SubnetSpace:
 
 
 def resolve_subnet(space: SubnetSpace, text: str) -> SubnetConfig:
-    """"max", "min", a subnet encoding, or a JSON file with a "subnet" key (e.g. search_subnet's best.json,
-    whose "supernet" must then be this supernet)."""
+    """"max", "min", a published subnet's name (SEQnet@vnni-A0, of this supernet), a subnet encoding, or a JSON
+    file with a "subnet" key (e.g. search_subnet's best.json, whose "supernet" must then be this supernet)."""
+    from modules.named_models import get_named_model, model_names
+
     text = str(text).strip()
     if text in ("max", "min"):
         return space.extreme(text == "max")
+    if text in model_names():
+        m = get_named_model(text)
+        if m.kind != "subnet" or m.supernet != str(space.choice):
+            raise ValueError(f"{text} is not a subnet of {space.choice}")
+        return space.decode(m.subnet)
     if text.endswith(".json"):
         path = Path(text)
         if not path.is_file():
