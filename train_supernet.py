@@ -288,6 +288,18 @@ def _from_original(ckpt: dict, path: Path, encoding: str, quant_mode: str) -> di
             "complete": None if epoch is None or epochs is None else epoch >= epochs}
 
 
+def _original_fp32_run(args, encoding: str) -> Path | None:
+    """With --resume and no run of ours: the original's fp32 checkpoint of this supernet, if one is where it keeps
+    them (``<output_dir>/supernet_training/<encoding>-align0/checkpoint.pth``)."""
+    from modules.subnet_search import find_supernet_checkpoint, state_dict_of
+
+    try:
+        path = find_supernet_checkpoint(args.output_dir, encoding, "fp32")
+    except FileNotFoundError:
+        return None
+    return path if is_original_state(state_dict_of(load_checkpoint(path), path)) else None
+
+
 def _fp32_source(args, run: Run, encoding: str) -> Path:
     """--fp32_checkpoint, else our fp32 run's checkpoint, else one where the original keeps it."""
     from modules.subnet_search import find_supernet_checkpoint
@@ -375,6 +387,14 @@ class Trainer:
             if best:
                 atomic_save(ckpt, self.run.best)
         dist.barrier()
+
+    def start_at(self, epoch: int) -> None:
+        """Continue a run another program trained for `epoch` epochs, from its weights: the lr schedule goes on
+        where that run's was; the optimizer's momentum starts anew (its state belongs to the other program's
+        parameter order)."""
+        self.epoch, self.step = epoch, epoch * self.steps_per_epoch
+        self.scheduler.last_epoch = self.step - 1
+        self.scheduler.step()
 
     def restore(self, ckpt: dict) -> None:
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -572,6 +592,7 @@ def main(args: argparse.Namespace) -> int:
 
     # decide where the weights come from before any heavy work, so bad input fails fast
     resume_path = find_resume(run.dir, run.last.name) if args.resume else None
+    original_start = _original_fp32_run(args, encoding) if args.resume and not lsq and resume_path is None else None
     fp32_path = None
     if lsq and resume_path is None:
         fp32_path = _fp32_source(args, run, encoding)
@@ -592,6 +613,8 @@ def main(args: argparse.Namespace) -> int:
 
     resume_ckpt = load_run_checkpoint(resume_path, encoding, args.quant_mode, preset) if resume_path else None
     fp32_ckpt = load_run_checkpoint(fp32_path, encoding, "fp32", None) if fp32_path else None
+    if original_start is not None:  # the original's fp32 run, continued here from its weights
+        fp32_path, fp32_ckpt = original_start, load_run_checkpoint(original_start, encoding, "fp32", None)
     if args.resume and resume_ckpt is None:
         log.info("--resume: no %s yet, starting %s", run.last, "from the fp32 supernet" if lsq else "from scratch")
     elif not args.resume and run.last.exists() and dist.is_main_process():
@@ -607,7 +630,8 @@ def main(args: argparse.Namespace) -> int:
     if args.zero_last_gamma:
         model.zero_last_gamma()
     if fp32_ckpt is not None:
-        _check_complete(fp32_ckpt, fp32_path)
+        if lsq:
+            _check_complete(fp32_ckpt, fp32_path)
         load_state_dict_strict(model, fp32_ckpt["model"], f"fp32 checkpoint {fp32_path}")
     if lsq:
         set_quant_mode(model, "lsq", preset)  # creates the LSQ+ parameters: before the optimizer / LSQ checkpoint
@@ -624,6 +648,10 @@ def main(args: argparse.Namespace) -> int:
         trainer.restore(resume_ckpt)
         log.info("resumed %s: epoch %d, batch %d, step %d", resume_path, trainer.epoch + 1, trainer.batch_in_epoch,
                  trainer.step)
+    elif original_start is not None and fp32_ckpt.get("epoch"):
+        trainer.start_at(int(fp32_ckpt["epoch"]))
+        log.info("continuing the original's run %s after its epoch %d (optimizer state starts anew)",
+                 original_start, trainer.epoch)
     elif lsq:
         n = _init_lsq(model, loaders["calib"], args, info.device)
         log.info("LSQ+ scales of %d quantizers initialised from %d image(s) with the max subnet", n,

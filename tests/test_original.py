@@ -261,3 +261,24 @@ def test_convert_checkpoint_both_ways(tmp_path):
     assert list(back) == list(load_checkpoint(orig_path)["state_dict"])
     with pytest.raises(ValueError, match="is the input checkpoint"):
         convert(orig_path, orig_path)
+
+
+def test_resume_continues_the_originals_fp32_run(tmp_path, digits_root):
+    """--resume with no run of ours continues the original's fp32 run from its weights and epoch."""
+    import train_supernet
+    from modules.checkpoint import load_checkpoint
+    from modules.cli import parse_args_with_config
+
+    enc = "tiny-111111-000000"
+    _, path = _tiny_original_checkpoint(tmp_path, enc, lsq=False)
+    ckpt = load_checkpoint(path)
+    ckpt["epoch"] = 1  # the original saved after its first of 2 epochs
+    torch.save(ckpt, path)
+    argv = ["--supernet", enc, "--resume", "--output_dir", str(tmp_path), "--data_path", str(digits_root),
+            "--image_size", "32", "--batch_size_per_gpu", "8", "--max_train_samples", "16", "--valid_size", "8",
+            "--eval_batch_size", "8", "--bn_calib_batches", "1", "--valid_freq", "1", "--epochs", "2",
+            "--warmup_epochs", "0", "--threads", "1", "--no-progress", "--no-plot"]
+    assert train_supernet.main(parse_args_with_config(train_supernet.get_args_parser(), argv)) == 0
+    ours = load_checkpoint(tmp_path / "supernet_training" / enc / "checkpoint.pth")
+    # one more epoch of 2 steps after the original's first, at the lr of step 2 of the schedule
+    assert (ours["epoch"], ours["step"]) == (2, 4) and [row["epoch"] for row in ours["history"]] == [2]
