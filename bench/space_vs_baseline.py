@@ -58,6 +58,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--random_seed", type=int, default=0, help="draws the random space (default: %(default)s)")
     p.add_argument("--platform", default="ort_int8", choices=["ort_int8"], help="latency platform")
     p.add_argument("--runs", type=int, default=200, help="timed runs per deployed file (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="fp32 supernet epochs for every space (default: tiny.yaml's, as the demo)")
+    p.add_argument("--lsq_epochs", type=int, default=None,
+                   help="LSQ+ supernet epochs for every space (default: tiny.yaml's, as the demo)")
     return p
 
 
@@ -115,6 +119,9 @@ class Bench:
     def train_and_search(self, label: str, enc: str, seed: int) -> None:
         out = self.out / f"seed{seed}"
         common = ["--data_path", self.data, "--output_dir", out, "--seed", seed, "--resume"]
+        for flag in ("epochs", "lsq_epochs"):
+            if getattr(self.args, flag) is not None:
+                common += [f"--{flag}", getattr(self.args, flag)]
         cfg = REPO / "supernet_training_configs" / "tiny.yaml"
         self.run(f"fp32_{label}_{seed}", "train_supernet.py", "-c", cfg, "--supernet", enc, *common)
         self.run(f"lsq_{label}_{seed}", "train_supernet.py", "-c", cfg, "--supernet", enc, "--quant_mode", "lsq",
