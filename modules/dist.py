@@ -7,7 +7,9 @@ Launch multi-process runs with ``torchrun --nproc_per_node=N script.py ...`` (or
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Callable
 
 import torch
@@ -74,8 +76,25 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
+_rank_local_depth = 0  # > 0 inside `rank_local()`
+
+
 def is_dist_avail_and_initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    """A process group exists and this code is not inside `rank_local()`. Every helper here (and the loops
+    that reduce over ranks) asks this, so inside `rank_local()` they act as in a single process."""
+    return _rank_local_depth == 0 and dist.is_available() and dist.is_initialized()
+
+
+@contextmanager
+def rank_local():
+    """Work this rank does on its own share (its subnets, its students): no collectives inside, every helper
+    acts as rank 0 of 1, so the rank writes the files of its share itself. Ranks meet again outside."""
+    global _rank_local_depth
+    _rank_local_depth += 1
+    try:
+        yield
+    finally:
+        _rank_local_depth -= 1
 
 
 def get_rank() -> int:
@@ -149,3 +168,28 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     holder = [obj]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects). [obj] without a group."""
+    if not is_dist_avail_and_initialized():
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def map_over_ranks(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    """``[fn(x) for x in items]`` with the items split over the ranks (rank r computes items r, r + N, ...) and
+    the results gathered, in order, on every rank. Every rank must call it with the same items; ``fn`` must not
+    use collectives (the ranks run different items). Without a process group it is a plain loop."""
+    world, rank = get_world_size(), get_rank()
+    with rank_local():
+        mine = [fn(x) for x in items[rank::world]]
+    if world == 1:
+        return mine
+    gathered = all_gather_object(mine)
+    out: list[Any] = [None] * len(items)
+    for r, results in enumerate(gathered):
+        out[r::world] = results
+    return out

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modules.dist import all_reduce_mean
+from modules.dist import all_reduce_mean, is_dist_avail_and_initialized
 from modules.lsq import quant_parameters
 
 
@@ -94,7 +94,7 @@ def evaluate_top1(model: nn.Module, loader: Iterable, device="cpu", max_batches:
         correct[0] += (logits.argmax(1).cpu() == labels).sum().item()
         correct[1] += labels.numel()
     model.train(was_training)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if is_dist_avail_and_initialized():
         torch.distributed.all_reduce(correct)
     if correct[1] == 0:
         raise ValueError("evaluation got no batches: the validation loader is empty")
@@ -139,7 +139,7 @@ def build_warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warm
 
 
 def _dist_on() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+    return is_dist_avail_and_initialized()
 
 
 @torch.no_grad()

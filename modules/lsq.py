@@ -250,7 +250,9 @@ def quantize_weight(w, scale, qmin: int, qmax: int, g: float = 1.0):
 
 
 def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    from modules.dist import is_dist_avail_and_initialized  # not inside dist.rank_local(): ranks on other nets
+
+    if is_dist_avail_and_initialized():
         torch.distributed.all_reduce(t, op=op)
     return t
 

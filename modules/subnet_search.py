@@ -411,6 +411,7 @@ def run_subnet_search(space: SubnetSpace, lat: LatencyOracle, evaluator: Callabl
     `evaluator(cfg) -> top-1` is only called for in-window candidates. `fitness_cache` (key -> top-1) may be
     shared between targets. With `resume` and an existing `state_path`, the saved search continues and ends
     exactly where an uninterrupted run ends."""
+    from modules.dist import broadcast_object, get_world_size, is_main_process, map_over_ranks
     from modules.evolution import Evolution, topk_evolution
 
     settings = settings or SearchSettings()
@@ -424,26 +425,27 @@ def run_subnet_search(space: SubnetSpace, lat: LatencyOracle, evaluator: Callabl
     def in_window(cfg: SubnetConfig) -> bool:
         return lo <= lat(cfg) <= hi
 
-    def fitness(cfg: SubnetConfig):
-        key = str(cfg)
-        acc = fitness_cache.get(key)
-        if acc is None:
-            acc = float(evaluator(cfg))
-            fitness_cache[key] = acc
+    def fitness_many(cfgs: list[SubnetConfig]) -> list:
+        """The candidates not scored yet are spread over the ranks; every rank gets every score."""
+        todo = [c for c in cfgs if str(c) not in fitness_cache]
+        for c, acc in zip(todo, map_over_ranks(lambda c: float(evaluator(c)), todo)):
+            fitness_cache[str(c)] = acc
         st = evo.driver_state
         # topk_evolution appends the iteration's best before making its children: 0 = initial population
         iteration = len(st.get("best", [])) if st else 0
-        return acc, {"latency": lat(cfg), "iteration": iteration}
+        return [(fitness_cache[str(c)], {"latency": lat(c), "iteration": iteration}) for c in cfgs]
 
     cfg = {"supernet": str(space.choice), "hw_list": list(space.hw_list), "target": target, "delta": delta,
            "platform": platform, "seed": seed,
            **{k: v for k, v in asdict(settings).items() if k not in ("iterations", "max_tries")}}
     cfg.update(config or {})
-    evo = Evolution(fitness, encode=str, decode=space.decode, is_valid=in_window, seed=seed,
-                    max_tries=settings.max_tries, state_path=str(state_path) if state_path else None,
-                    save_interval=save_interval, progress=progress, config=cfg, log=log)
+    main = is_main_process()  # every rank runs the same evolution; rank 0 alone writes its state
+    evo = Evolution(lambda c: fitness_many([c])[0], encode=str, decode=space.decode, is_valid=in_window, seed=seed,
+                    max_tries=settings.max_tries, state_path=str(state_path) if state_path and main else None,
+                    save_interval=save_interval, progress=progress and main, config=cfg, log=log,
+                    fitness_many=fitness_many, batch_size=get_world_size())
     resumed = False
-    if state_path and os.path.isfile(state_path):
+    if state_path and broadcast_object(os.path.isfile(state_path)):
         if not resume:
             raise ValueError(f"{state_path} exists: pass --resume to continue that search, or --fresh to start over")
         evo.load(str(state_path))
