@@ -32,6 +32,7 @@ import random
 import signal
 import time
 import zlib
+from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -277,7 +278,7 @@ def measure_nsr(model: StagePlusProj, cache: FeatureCache, resolution: int, eps:
     total = torch.zeros(2, dtype=torch.float64)
     for x_in, x_out in cache.eval[resolution][x]:
         per = nsr_per_sample(model(x_in), x_out, eps)
-        total[0] += per.double().sum()
+        total[0] += per.double().sum().item()  # total lives on the CPU, per on the model's device
         total[1] += per.numel()
     model.train(was_training)
     total = dist.all_reduce_sum(total)
@@ -578,6 +579,9 @@ def run_block_kd(args: argparse.Namespace, phase: str, shard: tuple[int, int] | 
 
     if shard is None and args.student_procs > 1:
         return _run_student_procs(args, phase, space, all_pairs, hw_list, root)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if shard is None and 1 < world <= len(all_pairs):
+        return _run_student_ranks(args, phase, space, all_pairs, hw_list, root)
     info = dist.init_distributed_mode(args.device)
     device = info.device
     seed_everything(args.seed)
@@ -844,6 +848,35 @@ def _run_student_procs(args, phase: str, space: SuperSpace, pairs, hw_list, root
     return {"stopped": True, **results} if stopped else results
 
 
+# A rank may finish its students hours before another: the ranks only meet at the start and at the end, so
+# the group's timeout must outlast the longest imbalance.
+_STUDENT_RANKS_TIMEOUT = timedelta(days=7)
+
+
+def _run_student_ranks(args, phase: str, space: SuperSpace, pairs, hw_list, root: Path) -> dict:
+    """Under torchrun with at least as many students as ranks: rank r trains the students r, r + N, ... on all
+    the data, as a --student_procs process does, so each student ends exactly as in one process. Rank 0 trains
+    the (tiny) teacher first and writes the summary once every rank is done."""
+    info = dist.init_distributed_mode(args.device, backend="gloo", timeout=_STUDENT_RANKS_TIMEOUT)
+    t_start = time.time()
+    try:
+        if info.rank == 0:
+            _setup_run(args, phase, space, hw_list, root)  # trains and caches the tiny teacher when missing
+            log.info("%s block KD of %d student(s) spread over %d ranks", phase, len(pairs), info.world_size)
+        dist.barrier()
+        with dist.rank_local():
+            out = run_block_kd(args, phase, shard=(info.rank, info.world_size))
+        stopped = any(dist.all_gather_object(bool(out.get("stopped"))))
+        results = _read_results(args.output_dir, space, pairs, PHASES[phase][1])
+        if info.rank == 0 and results:
+            _write_summary(root, phase, space, pairs, results)
+            log.info("%s block KD %s after %.0f s (summary: %s)", phase, "stopped" if stopped else "finished",
+                     time.time() - t_start, root / f"{phase}_summary.csv")
+    finally:
+        dist.destroy_distributed()
+    return {"stopped": True, **results} if stopped else results
+
+
 # ------------------------------------------------------------------------------------------ LUT build
 def lut_jobs(space: SuperSpace, pairs: Sequence[tuple[int, int]], windows: Sequence[int] | None
              ) -> list[tuple[int, int, int]]:
@@ -954,7 +987,8 @@ def build_lut_shard(cfg: dict, shard: int, num_shards: int, threads: int | None 
         raise FileNotFoundError(f"block-KD checkpoint(s) missing for the LUT: {', '.join(missing[:4])}"
                                 + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
                                 + f"; run {'train' if a.fp32_mode else 'lsq'}_block_kd.py first")
-    teacher = get_teacher(space, a.output_dir, a.teacher_weights, train_if_missing=False, hw_list=hw_list)
+    device = dist.local_device(getattr(a, "device", "cpu"))
+    teacher = get_teacher(space, a.output_dir, a.teacher_weights, train_if_missing=False, hw_list=hw_list).to(device)
     latency_fn, lat_desc = make_latency_fn(a.latency_predictor, space.name, a.latency_table_dir)
 
     # fixed calibration batches (train augmentation, seeded) and held-out images (eval transform); the held-out
@@ -964,8 +998,8 @@ def build_lut_shard(cfg: dict, shard: int, num_shards: int, threads: int | None 
     held_view = build_dataset(a.data_dir, "train", False, size)
     train_set, held = split_holdout(train_full, a.valid_size, a.seed, held_view)
     calib_loader = build_loader(Subset(held_view, train_set.indices), a.calib_batch_size, True, 0, False, a.seed + 1)
-    calib_imgs = [bt[0] for bt in calib_batches(calib_loader, a.num_calib_batches)]
-    eval_imgs = [bt[0] for bt in build_loader(held, a.eval_batch_size, False, 0)][:a.max_eval_batches]
+    calib_imgs = [bt[0].to(device) for bt in calib_batches(calib_loader, a.num_calib_batches)]
+    eval_imgs = [bt[0].to(device) for bt in build_loader(held, a.eval_batch_size, False, 0)][:a.max_eval_batches]
     cache = FeatureCache.build(teacher, calib_imgs, eval_imgs, hw_list, sorted({x for x, _, _ in todo}))
 
     t0 = time.time()
@@ -976,6 +1010,7 @@ def build_lut_shard(cfg: dict, shard: int, num_shards: int, threads: int | None 
     for x, b, w in todo:
         if (x, b) not in states:
             model, ck = load_student(stage_dir(a.output_dir, space.name, x, b) / ckpt_name, space, x, b, teacher)
+            model.to(device)
             states[(x, b)] = (model, {k: v.clone() for k, v in model.state_dict().items()})
             cargs = ck.get("args", {})
             if cargs.get("seed", a.seed) != a.seed or cargs.get("valid_size", a.valid_size) < a.valid_size:

@@ -25,6 +25,9 @@ class DistInfo:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
+_rank_local_depth = 0  # > 0 inside `rank_local()`
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or value == "":
@@ -35,11 +38,14 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r}: expected an integer") from None
 
 
-def init_distributed_mode(device: str | None = None, backend: str | None = None) -> DistInfo:
+def init_distributed_mode(device: str | None = None, backend: str | None = None,
+                          timeout: timedelta | None = None) -> DistInfo:
     """Join the process group described by RANK / WORLD_SIZE / LOCAL_RANK (torchrun) if WORLD_SIZE > 1.
 
     ``device``: "cpu", "cuda" or None (= cuda when available). Returns a :class:`DistInfo`; without those
-    environment variables (a plain ``python script.py``) it is rank 0 of 1 and no process group is created.
+    environment variables (a plain ``python script.py``) it is rank 0 of 1 and no process group is created;
+    inside `rank_local()` it is rank 0 of 1 too, on this rank's own device (cuda:LOCAL_RANK).
+    ``timeout``: of the group's collectives (torch's default when None).
     """
     if device not in (None, "cpu", "cuda"):
         raise ValueError(f"device {device!r}: expected 'cpu' or 'cuda'")
@@ -53,30 +59,37 @@ def init_distributed_mode(device: str | None = None, backend: str | None = None)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"RANK={rank} / WORLD_SIZE={world_size} from the environment are inconsistent")
 
-    if use_cuda:
-        torch.cuda.set_device(local_rank % max(1, torch.cuda.device_count()))
-        dev = torch.device("cuda", torch.cuda.current_device())
-    else:
-        dev = torch.device("cpu")
+    dev = local_device("cuda" if use_cuda else "cpu")
 
-    if world_size == 1:
+    if world_size == 1 or _rank_local_depth:
         return DistInfo(rank=0, world_size=1, local_rank=0, distributed=False, device=dev)
 
     if not is_dist_avail_and_initialized():
         if not dist.is_available():
             raise ValueError("WORLD_SIZE > 1 but this torch build has no torch.distributed support")
         backend = backend or ("nccl" if use_cuda else "gloo")
-        dist.init_process_group(backend=backend, init_method="env://", world_size=world_size, rank=rank)
+        dist.init_process_group(backend=backend, init_method="env://", world_size=world_size, rank=rank,
+                                **({"timeout": timeout} if timeout is not None else {}))
         barrier()
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, distributed=True, device=dev)
+
+
+def local_device(device: str | torch.device | None) -> torch.device:
+    """This process's device for ``device`` ("cpu", "cuda", "cuda:N", None = cuda when available): "cuda" is the
+    GPU of LOCAL_RANK (torchrun), made the current one. For work that needs no process group (LUT files)."""
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but CUDA is not available on this machine; use --device cpu")
+    index = dev.index if dev.index is not None else _env_int("LOCAL_RANK", 0) % max(1, torch.cuda.device_count())
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def destroy_distributed() -> None:
     if is_dist_avail_and_initialized():
         dist.destroy_process_group()
-
-
-_rank_local_depth = 0  # > 0 inside `rank_local()`
 
 
 def is_dist_avail_and_initialized() -> bool:

@@ -49,14 +49,51 @@ def test_subnet_search_two_ranks_write_what_one_rank_writes(env):
 
 
 def test_eval_supernet_two_ranks_write_what_one_rank_writes(env):
+    """Also launched by torch.distributed.launch, whose --local-rank=N every script accepts."""
     csvs = []
     for nproc in (0, 2):
         out = env["root"] / f"e{nproc}"
+        launcher = "torch.distributed.launch" if nproc else "torch.distributed.run"
         run_ranks([REPO_ROOT / "eval_supernet.py", "--supernet", ENC, "--checkpoint", env["ckpts"]["lsq"],
                    "--output_dir", out, "--data_dir", env["data"], "--subnets", "min", "max", "min",
                    "--num_calib_batches", "1", "--calib_batch_size", "16", "--batch_size", "16",
-                   "--latency_predictor", "macs"], nproc)
+                   "--latency_predictor", "macs"], nproc, launcher=launcher)
         csvs.append(_rows(next((out / "eval_supernet").rglob("acc_lsq_val.csv"))))
     assert csvs[0] == csvs[1]
     assert [r[3] for r in csvs[0][1:]] == ["max", "min", "min", "max", "min"]
     assert len({r[5] for r in csvs[0][1:] if r[3] == "min"}) == 1  # one subnet, one score on either rank
+
+
+def _block_kd(out: Path, data: Path, nproc: int) -> None:
+    from test_block_kd import _write_teacher
+
+    _write_teacher(out)
+    run_ranks([REPO_ROOT / "train_block_kd.py", "--output_dir", out, "--data_dir", data, "--stages", "1", "2",
+               "--blocks", "0", "1", "--batch_size", "16", "--valid_size", "32", "--eval_batch_size", "32",
+               "--num_calib_batches", "1", "--no_progress", "--epochs", "1", "--max_steps_per_epoch", "2"], nproc)
+
+
+def _lut(out: Path, data: Path, lut_dir: Path, nproc: int) -> dict[str, str]:
+    run_ranks([REPO_ROOT / "eval_block_kd.py", "--output_dir", out, "--data_dir", data, "--stages", "1", "2",
+               "--blocks", "0", "1", "--windows", "0", "--fp32_mode", "--num_samples", "6", "--valid_size", "32",
+               "--calib_batch_size", "16", "--lut_dir", lut_dir, "--no_progress", "--device", "cpu"], nproc)
+    return {p.name: p.read_text() for p in sorted((lut_dir / "tiny_fp32").glob("*.csv"))}
+
+
+def test_block_kd_and_lut_two_ranks_write_what_one_rank_writes(tmp_path, digits_root):
+    """Block KD spreads the 4 students over the 2 ranks (each trains its own on all the data); the LUT build
+    spreads its 4 files. Logs, summary and LUT files equal those of one process."""
+    for nproc in (0, 2):
+        _block_kd(tmp_path / f"kd{nproc}", digits_root, nproc)
+    root = [tmp_path / f"kd{n}" / "block_kd" / "tiny" for n in (0, 2)]
+    keys = ["stage1_0", "stage1_1", "stage2_0", "stage2_1"]
+    for key in keys:
+        a, b = (_rows(r / key / "log.csv") for r in root)
+        assert len(a) == len(b) == 3 and a[0] == b[0]  # header
+        for ra, rb in zip(a[1:], b[1:]):
+            assert [float(v) for v in ra[:-1] if v] == pytest.approx([float(v) for v in rb[:-1] if v], rel=1e-5)
+    assert [r[:4] for r in _rows(root[0] / "fp32_summary.csv")] == [r[:4] for r in _rows(root[1] / "fp32_summary.csv")]
+    one = _lut(tmp_path / "kd0", digits_root, tmp_path / "lut1", 0)
+    two = _lut(tmp_path / "kd0", digits_root, tmp_path / "lut2", 2)
+    assert sorted(one) == [f"{k}_0.csv" for k in keys] and one == two
+    assert all(len(text.splitlines()) == 6 for text in one.values())
