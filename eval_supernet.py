@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from modules.checkpoint import atomic_write_text
+from modules.checkpoint import atomic_write_bytes, atomic_write_text
 from modules.cli import add_aliases, add_common_args, run_main, setup_logging
 from modules.dist import destroy_distributed, init_distributed_mode, is_main_process, map_over_ranks
 from modules.subnet_search import (SubnetEvaluator, SubnetSpace, add_supernet_args, build_eval_batches, calib_kwargs,
@@ -237,11 +237,8 @@ def eval_lat(args, platforms: list[str], predictors: dict | None = None) -> dict
 def _plot_cdf(lat: dict, path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
-    import os
-
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     for p, v in lat.items():
         v = sorted(v)
@@ -251,10 +248,10 @@ def _plot_cdf(lat: dict, path: Path, title: str) -> None:
     ax.set_title(f"{title}: latency CDF")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def main(args, predictors: dict | None = None) -> dict:

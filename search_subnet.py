@@ -31,7 +31,6 @@ import csv
 import io
 import json
 import logging
-import os
 import random
 import statistics
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from modules.checkpoint import atomic_write_text
+from modules.checkpoint import atomic_write_bytes, atomic_write_text
 from modules.cli import add_aliases, add_common_args, nonneg_int, positive_int, run_main, save_run_info, setup_logging
 from modules.dist import destroy_distributed, init_distributed_mode, is_main_process, map_over_ranks
 from modules.original_cli import add_original_option, parent_of
@@ -252,10 +251,10 @@ def plot_pareto(outcomes: list, path: Path, platform: str, baselines: dict | Non
     ax.set_title("subnet search: accuracy vs latency")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 # ------------------------------------------------------------------------------------------ main
