@@ -18,6 +18,8 @@ $RUN lsq_block_kd.py --superspace mobilew --data_dir "$IMAGENET" --teacher_weigh
 if [ "$NODE_RANK" = 0 ]; then
   python build_latency_table.py --superspace mobilew --platform tflite_int8 --output_dir "$OUT"
 fi
+# the other nodes wait on the shared $OUT for node 0's table (not in torchrun's rendezvous, which times out)
+until [ -f "$OUT/latency/tflite_int8.json" ]; do sleep 30; done
 
 $RUN eval_block_kd.py --superspace mobilew --data_dir "$IMAGENET" --teacher_weights "$B5_WEIGHTS" \
     --output_dir "$OUT" --device cuda --latency_predictor tflite_int8 --latency_table_dir "$OUT/latency"
@@ -26,7 +28,11 @@ if [ "$NODE_RANK" = 0 ]; then
   python search_block_kd.py --superspace mobilew --lut_dir "$OUT/lut" --latency_constraints 15 20 \
       --latency_predictor tflite_int8 --latency_table_dir "$OUT/latency" --output_dir "$OUT"
 fi
-SPACE=${SPACE:?after the space search, set SPACE to the best encoding in $OUT/space_search/mobilew/*/result.yaml}
+# every node reads the best space of node 0's search from the shared $OUT (its run dir is named after the
+# constraints, c15+20_t<t>), waiting for it; set SPACE to train another space
+RESULT_GLOB="$OUT/space_search/mobilew/c15+20_t*/result.yaml"
+until compgen -G "$RESULT_GLOB" >/dev/null; do sleep 30; done
+SPACE=${SPACE:-$(python -c "import yaml,glob;print(yaml.safe_load(open(sorted(glob.glob('$RESULT_GLOB'))[-1]))['best']['supernet'])")}
 
 $RUN train_supernet.py -c supernet_training_configs/train.yaml --supernet_choice "$SPACE" \
     --data_path "$IMAGENET" --output_dir "$OUT" --device cuda --quant_preset tflite --resume
