@@ -860,10 +860,9 @@ def _run_student_ranks(args, phase: str, space: SuperSpace, pairs, hw_list, root
     info = dist.init_distributed_mode(args.device, backend="gloo", timeout=_STUDENT_RANKS_TIMEOUT)
     t_start = time.time()
     try:
-        if info.rank == 0:
-            _setup_run(args, phase, space, hw_list, root)  # trains and caches the tiny teacher when missing
-            log.info("%s block KD of %d student(s) spread over %d ranks", phase, len(pairs), info.world_size)
-        dist.barrier()
+        # every rank: rank 0 trains and caches the tiny teacher when missing, the others wait for it
+        _setup_run(args, phase, space, hw_list, root)
+        log.info("%s block KD of %d student(s) spread over %d ranks", phase, len(pairs), info.world_size)
         with dist.rank_local():
             out = run_block_kd(args, phase, shard=(info.rank, info.world_size))
         stopped = any(dist.all_gather_object(bool(out.get("stopped"))))
