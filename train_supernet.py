@@ -427,7 +427,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self, stop: GracefulStop) -> str:
         """Train until the last epoch or a stop request; returns "done" or "stopped"."""
-        from modules.data import set_loader_epoch
+        from modules.data import set_loader_epoch, start_loader_at
         args, loader = self.args, self.loaders["train"]
         main = dist.is_main_process()
         self.model.train()
@@ -440,9 +440,8 @@ class Trainer:
                 self.epoch_rng = get_rng_state()  # restored from the checkpoint: the epoch's start state
             t0 = time.time()
             set_loader_epoch(loader, self.epoch)
+            start_loader_at(loader, self.batch_in_epoch)  # mid-epoch resume: the batches done are not loaded
             it = iter(loader)
-            for _ in range(self.batch_in_epoch):  # mid-epoch resume: replay the data pipeline, skip the compute
-                next(it)
             bar = None
             if main and args.progress:
                 from tqdm import tqdm

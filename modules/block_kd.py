@@ -557,7 +557,8 @@ def run_block_kd(args: argparse.Namespace, phase: str, shard: tuple[int, int] | 
     ``shard=(i, n)``: only the pairs i, i + n, ... (one of the ``--student_procs`` processes; the parent
     process trains the teacher beforehand and writes the summary afterwards)."""
     from modules.cli import seed_everything
-    from modules.data import build_dataset, build_loader, calib_batches, set_loader_epoch, split_holdout
+    from modules.data import (build_dataset, build_loader, calib_batches, set_loader_epoch, split_holdout,
+                              start_loader_at)
 
     if phase not in PHASES:
         raise ValueError(f"block-KD phase {phase!r}: expected fp32 or lsq")
@@ -690,13 +691,15 @@ def run_block_kd(args: argparse.Namespace, phase: str, shard: tuple[int, int] | 
             if not active:
                 continue
             set_loader_epoch(loader, epoch)
+            first = min(s.batch_in_epoch for s in active)  # resumed mid-epoch: the batches all did are not loaded
+            start_loader_at(loader, first)
             for s in active:
                 if s.batch_in_epoch == 0:
                     s.loss_sums, s.loss_count = (0.0,) * 4, 0
             t0 = time.time()
-            bar = tqdm(total=steps_per_epoch, desc=f"{phase} epoch {epoch + 1}/{args.epochs}",
+            bar = tqdm(total=steps_per_epoch, initial=first, desc=f"{phase} epoch {epoch + 1}/{args.epochs}",
                        disable=args.no_progress or not dist.is_main_process(), unit="batch", leave=False)
-            for bi, (images, _) in enumerate(loader):
+            for bi, (images, _) in enumerate(loader, start=first):
                 if bi >= steps_per_epoch:
                     break
                 bar.update(1)
