@@ -45,7 +45,7 @@ from modules import dist
 from modules.checkpoint import (atomic_save, atomic_write_text, build_checkpoint, load_checkpoint,
                                 load_state_dict_strict)
 from modules.encoding import format_substage
-from modules.engine import calibrate_bn, param_groups, warmup_cosine
+from modules.engine import AMP_MODES, amp_autocast, amp_grad_scaler, calibrate_bn, param_groups, warmup_cosine
 from modules.lsq import quantizers, set_quant_mode
 from modules.ops import DynamicConv2d
 from modules.superspace import SEARCHABLE, SuperSpace, get_superspace
@@ -322,14 +322,16 @@ def sync_gradients(models: Sequence[nn.Module], stop: bool = False) -> bool:
 
 
 def train_step(students: Sequence[Student], teacher: StagedTeacher, images: torch.Tensor, hw_list: Sequence[int],
-               step_seed: str, grad_clip_value: float | None, eps: float, stop: bool = False
-               ) -> tuple[dict[str, list[float]], bool]:
-    """One sandwich step for every student on one batch; returns ({key: [4 losses]}, stop_any_rank)."""
+               step_seed: str, grad_clip_value: float | None, eps: float, stop: bool = False, amp: str = "off",
+               scaler=None) -> tuple[dict[str, list[float]], bool]:
+    """One sandwich step for every student on one batch; returns ({key: [4 losses]}, stop_any_rank).
+    `amp`: autocast of the forward passes (`modules.engine.amp_autocast`); `scaler`: its GradScaler (fp16)."""
     rng = random.Random(f"{step_seed}-res")
     res = [max(hw_list), min(hw_list), rng.choice(hw_list), rng.choice(hw_list)]
     stages = sorted({s.model.stage_idx for s in students})
     images = channels_last(images)
-    with torch.no_grad():
+    autocast = amp_autocast(amp, images.device)
+    with torch.no_grad(), autocast:
         feats = {r: teacher.forward_stages(resize(images, r), stages) for r in sorted(set(res))}
     losses = {}
     for s in students:
@@ -340,18 +342,27 @@ def train_step(students: Sequence[Student], teacher: StagedTeacher, images: torc
         for mode, r in zip(MODES, res):
             m.sample(srng, mode)
             x_in, x_out = feats[r][m.stage_idx]
-            loss = nsr_loss(m(x_in), x_out, eps)
-            loss.backward()
+            with amp_autocast(amp, images.device):
+                pred = m(x_in)
+            loss = nsr_loss(pred.float(), x_out.float(), eps)  # a variance ratio: float32
+            (scaler.scale(loss) if scaler else loss).backward()
             out.append(loss.item())
         losses[s.key] = out
     stop = sync_gradients([s.model for s in students], stop)
     for s in students:
+        if scaler:
+            scaler.unscale_(s.optimizer)
         if grad_clip_value:
             torch.nn.utils.clip_grad_value_(s.model.parameters(), grad_clip_value)
-        s.optimizer.step()
+        if scaler:
+            scaler.step(s.optimizer)
+        else:
+            s.optimizer.step()
         s.optimizer.zero_grad(set_to_none=True)
         s.scheduler.step()
         s.step += 1
+    if scaler:
+        scaler.update()
     return losses, stop
 
 
@@ -482,6 +493,10 @@ def add_block_kd_args(parser: argparse.ArgumentParser, phase: str) -> argparse.A
                              "checkpoint.pth, trained on --data_dir when missing)")
     parser.add_argument("--teacher_epochs", type=int, default=5,
                         help="epochs of the tiny teacher (default: %(default)s)")
+    parser.add_argument("--amp", choices=AMP_MODES, default="off",
+                        help="mixed precision of the teacher and student forward passes: bf16 (CPU or CUDA) or fp16 "
+                             "(CUDA, with loss scaling); the NSR loss and LSQ+ fake-quant stay float32 (default: "
+                             "%(default)s)")
     parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
     if not fp32:
         parser.add_argument("--quant_preset", default="ort", choices=["original", "ort", "tflite"],
@@ -685,6 +700,8 @@ def run_block_kd(args: argparse.Namespace, phase: str, shard: tuple[int, int] | 
 
     from tqdm import tqdm
     stopped = False
+    amp_autocast(args.amp, device)  # an unusable --amp (fp16 on the CPU) fails here, before any step
+    scaler = amp_grad_scaler(args.amp)
     with _StopFlag() as flag:
         for epoch in range(min([s.epoch for s in students] + [args.epochs]), args.epochs):
             active = [s for s in students if s.epoch == epoch]
@@ -708,7 +725,7 @@ def run_block_kd(args: argparse.Namespace, phase: str, shard: tuple[int, int] | 
                     continue
                 losses, stop = train_step(stepping, teacher, images.to(device), hw_list,
                                           f"{args.seed}-{epoch * steps_per_epoch + bi}",
-                                          args.grad_clip_value, args.nsr_eps, flag.set)
+                                          args.grad_clip_value, args.nsr_eps, flag.set, args.amp, scaler)
                 for s in stepping:
                     s.batch_in_epoch = bi + 1
                     s.loss_sums = tuple(a + v for a, v in zip(s.loss_sums, losses[s.key]))

@@ -29,6 +29,7 @@ and the same straight-through gradients, in about half the time (issue 7: LSQ+ s
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -257,6 +258,21 @@ def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
     return t
 
 
+def _fp32(forward):
+    """Run a quantizer's forward in float32, outside autocast (mixed precision): the LSQ+ grid (scale x
+    integer levels, the rounding, the gradient masks at the clip points) needs float32; a bf16 input is
+    widened first. The quantized tensor stays float32; the next conv / linear casts it for its own kernel."""
+    @functools.wraps(forward)
+    def wrapped(self, x):
+        if not self.enabled:
+            return x
+        if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+            return forward(self, x)
+        with torch.autocast(x.device.type, enabled=False):
+            return forward(self, x.float())
+    return wrapped
+
+
 class _Quantizer(nn.Module):
     def __init__(self):
         super().__init__()
@@ -305,6 +321,7 @@ class ActQuantizer(_Quantizer):
         self.offset.copy_(lo)
         self.initialized.fill_(True)
 
+    @_fp32
     def forward(self, x):
         if not self.enabled:
             return x
@@ -369,6 +386,7 @@ class WeightQuantizer(_Quantizer):
         self.scale.copy_((m / self.qmax).clamp_min(1e-7))
         self.initialized.fill_(True)
 
+    @_fp32
     def forward(self, w):
         """w: the active (sliced) weight; its first dim indexes the first w.shape[0] channels."""
         if not self.enabled:
