@@ -48,8 +48,9 @@ from modules.cli import (add_aliases, add_common_args, git_sha, run_main, save_r
 from modules.data import AUGMENTATIONS
 from modules.encoding import parse_supernet
 from modules.engine import (AMP_MODES, AverageMeter, GracefulStop, ResizeCache, all_reduce_buffers,
-                            all_reduce_gradients, amp_autocast, amp_grad_scaler, broadcast_module, build_sgd, build_warmup_cosine, calibrate_bn, evaluate_top1,
-                            init_lsq_scales, plot_curves, set_deterministic, step_rng, write_csv)
+                            all_reduce_gradients, amp_autocast, amp_grad_scaler, broadcast_module, build_sgd,
+                            build_warmup_cosine, calibrate_bn, evaluate_top1, init_lsq_scales, plot_curves,
+                            set_deterministic, step_rng, write_csv)
 from modules.losses import AdaptiveLossSoft, CrossEntropyLabelSmooth
 from modules.lsq import PRESETS, set_quant_mode
 from modules.original_cli import SupernetAction, SuperspaceAction, supernet_text, translate_train_yaml
