@@ -47,10 +47,11 @@ from modules.cli import (add_aliases, add_common_args, git_sha, run_main, save_r
                          setup_logging)
 from modules.data import AUGMENTATIONS
 from modules.encoding import parse_supernet
+from modules.engine import (AMP_MODES, AverageMeter, GracefulStop, ResizeCache, all_reduce_buffers,
+                            all_reduce_gradients, amp_autocast, amp_grad_scaler, broadcast_module, build_sgd,
+                            build_warmup_cosine, calibrate_bn, evaluate_top1, init_lsq_scales, plot_curves,
+                            set_deterministic, step_rng, write_csv)
 from modules.original import from_original_state, is_original_state
-from modules.engine import (AverageMeter, GracefulStop, ResizeCache, all_reduce_buffers, all_reduce_gradients,
-                            broadcast_module, build_sgd, build_warmup_cosine, calibrate_bn, evaluate_top1,
-                            init_lsq_scales, plot_curves, set_deterministic, step_rng, write_csv)
 from modules.losses import AdaptiveLossSoft, CrossEntropyLabelSmooth
 from modules.lsq import PRESETS, set_quant_mode
 from modules.original_cli import SupernetAction, SuperspaceAction, supernet_text, translate_train_yaml
@@ -148,6 +149,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "2 threads: 17.9 -> 15.0 s per epoch)")
     g.add_argument("--deterministic", action=bool_arg, default=False,
                    help="deterministic kernels (bit-exact resume on CPU with a fixed --threads)")
+    g.add_argument("--amp", choices=AMP_MODES, default="off",
+                   help="mixed precision of the forward passes: bf16 (CPU or CUDA) or fp16 (CUDA, with loss scaling); "
+                        "LSQ+ fake-quant stays float32 (default: %(default)s)")
     g.add_argument("--progress", action=bool_arg, default=True, help="tqdm progress bar")
     g.add_argument("--plot", action=bool_arg, default=True, help="draw curves.png after each validation")
     _add_original_names(p)
@@ -356,6 +360,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_sgd(model, self.lr, args.momentum, args.nesterov, args.weight_decay)
         self.scheduler = build_warmup_cosine(self.optimizer, self.total_steps, int(round(warmup * self.steps_per_epoch)))
+        self.scaler = amp_grad_scaler(args.amp)
         self.ce = CrossEntropyLabelSmooth(args.label_smoothing)
         self.kd = AdaptiveLossSoft(args.alpha_min, args.alpha_max, args.iw_clip)
         # state that a checkpoint carries
@@ -443,7 +448,8 @@ class Trainer:
                 else:
                     net.sample_active_subnet(rng)
                 net.set_dropout(args.dropout if i == 0 else 0.0)
-                out = net(resize(net.active_resolution))
+                with amp_autocast(args.amp, self.device):
+                    out = net(resize(net.active_resolution)).float()
                 if i == 0:
                     loss = self.ce(out, labels)
                     teacher = out.detach()
@@ -457,12 +463,19 @@ class Trainer:
                 if not math.isfinite(loss.item()):
                     raise FloatingPointError(f"loss is {loss.item()} at step {self.step} ({kind} subnet "
                                              f"{net.get_active_subnet_config()}); lower the learning rate")
-                loss.backward()
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
         net.set_dropout(0.0)
+        # all-reduced before unscaling: an overflow on any rank reaches every rank, so all skip that step alike
         flags = all_reduce_gradients(self.params, [float(stop_requested)])
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
         if args.grad_clip_value > 0:
             torch.nn.utils.clip_grad_value_(self.params, args.grad_clip_value)
-        self.optimizer.step()
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         kd = sum(kd_losses) / len(kd_losses) if kd_losses else float("nan")
@@ -486,7 +499,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self, stop: GracefulStop) -> str:
         """Train until the last epoch or a stop request; returns "done" or "stopped"."""
-        from modules.data import set_loader_epoch
+        from modules.data import set_loader_epoch, start_loader_at
         args, loader = self.args, self.loaders["train"]
         main = dist.is_main_process()
         self.model.train()
@@ -499,9 +512,8 @@ class Trainer:
                 self.epoch_rng = get_rng_state()  # restored from the checkpoint: the epoch's start state
             t0 = time.time()
             set_loader_epoch(loader, self.epoch)
+            start_loader_at(loader, self.batch_in_epoch)  # mid-epoch resume: the batches done are not loaded
             it = iter(loader)
-            for _ in range(self.batch_in_epoch):  # mid-epoch resume: replay the data pipeline, skip the compute
-                next(it)
             bar = None
             if main and args.progress:
                 from tqdm import tqdm

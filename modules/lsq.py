@@ -29,6 +29,7 @@ and the same straight-through gradients, in about half the time (issue 7: LSQ+ s
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -250,9 +251,26 @@ def quantize_weight(w, scale, qmin: int, qmax: int, g: float = 1.0):
 
 
 def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    from modules.dist import is_dist_avail_and_initialized  # not inside dist.rank_local(): ranks on other nets
+
+    if is_dist_avail_and_initialized():
         torch.distributed.all_reduce(t, op=op)
     return t
+
+
+def _fp32(forward):
+    """Run a quantizer's forward in float32, outside autocast (mixed precision): the LSQ+ grid (scale x
+    integer levels, the rounding, the gradient masks at the clip points) needs float32; a bf16 input is
+    widened first. The quantized tensor stays float32; the next conv / linear casts it for its own kernel."""
+    @functools.wraps(forward)
+    def wrapped(self, x):
+        if not self.enabled:
+            return x
+        if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+            return forward(self, x)
+        with torch.autocast(x.device.type, enabled=False):
+            return forward(self, x.float())
+    return wrapped
 
 
 class _Quantizer(nn.Module):
@@ -303,6 +321,7 @@ class ActQuantizer(_Quantizer):
         self.offset.copy_(lo)
         self.initialized.fill_(True)
 
+    @_fp32
     def forward(self, x):
         if not self.enabled:
             return x
@@ -376,6 +395,7 @@ class WeightQuantizer(_Quantizer):
         self.scale.copy_((m / self.qmax).clamp_min(1e-7))
         self.initialized.fill_(True)
 
+    @_fp32
     def forward(self, w):
         """w: the active (sliced) weight; its first dim indexes the first w.shape[0] channels."""
         if not self.enabled:
