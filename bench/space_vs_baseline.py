@@ -90,6 +90,7 @@ class Bench:
         state = self.demo / "demo_markers" / "state.yaml"
         if not state.is_file():
             raise SystemExit(f"error: {state} is missing: run the demo first (make demo / run_demo.py)")
+        # the demo's data, latency table and space search are what this needs (its supernets are not)
         self.state = yaml.safe_load(state.read_text())
         self.spaces = compared_spaces(self.state["supernet"], args.random_seed)
         self.markers = self.out / "markers"
@@ -164,9 +165,30 @@ class Bench:
                 "val_top1": round(top["val_top1"], 2), "ort_argmax_agree": round(agree, 4),
                 "ort_rel_err": round(rel_err, 5)}
 
+    def latency_windows(self) -> None:
+        """The demo's subnet-search targets, or (a demo stopped before its subnet search) the same formula: 40 %
+        and 75 % of the way from the searched space's min to its max subnet latency, windows 15 % of that wide."""
+        if "subnet_targets" in self.state:
+            return
+        path = self.out / "targets.json"
+        if not path.is_file():
+            from modules.latency_predictor import load_predictor
+            from modules.supernet import supernet_from_encoding
+
+            pred = load_predictor(self.args.platform, SUPERSPACE, str(self.out / "latency"))
+            net = supernet_from_encoding(self.state["supernet"])
+            net.set_min_subnet()
+            lo = pred.predict_subnet(net)
+            net.set_max_subnet()
+            hi = pred.predict_subnet(net)
+            atomic_write_text(path, json.dumps({"subnet_targets": [round(lo + f * (hi - lo), 3) for f in (0.4, 0.75)],
+                                                "subnet_delta": round(0.15 * (hi - lo), 3)}))
+        self.state.update(json.loads(path.read_text()))
+
     def main(self) -> None:
         print("compared spaces:", json.dumps(self.spaces, indent=1), flush=True)
         self.latency_table()
+        self.latency_windows()
         rows = []
         for seed in self.args.seeds:
             for label, enc in self.spaces.items():
