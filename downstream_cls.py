@@ -1,4 +1,4 @@
-"""Fine-tune an exported subnet on any ImageFolder dataset with a new classification head (spec §10.4).
+"""Fine-tune an exported subnet on any ImageFolder dataset with a new classification head (as the original does).
 
 Example (the demo's exported subnet, on the digits set, LSQ+ like the checkpoint)::
 

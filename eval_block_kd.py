@@ -1,4 +1,4 @@
-"""Block LUT build (reference spec §6, format §3.3): for every (stage X, block B, width window W), sample N
+"""Block LUT build (the original's csv format): for every (stage X, block B, width window W), sample N
 sub-stages of the LSQ+ block-KD student (CIN uniform over the previous stage's full width list, depth / kernel /
 expand uniform, widths uniform within window W, resolution uniform over the block-KD list), BN-recalibrate
 each on a fixed set of train batches, and measure its NSR against the teacher on a fixed held-out subset

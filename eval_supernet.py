@@ -1,4 +1,4 @@
-"""Evaluate a trained supernet (reference spec §10.1): accuracy or latency of its max, min and given subnets.
+"""Evaluate a trained supernet (like the original): accuracy or latency of its max, min and given subnets.
 
 Examples::
 

@@ -1,4 +1,4 @@
-"""Export one subnet of a trained supernet as a standalone checkpoint (spec §10.3, `get_subnet.py`).
+"""Export one subnet of a trained supernet as a standalone checkpoint (the original's `get_subnet.py`).
 
 Example (the best subnet of a search, BN recalibrated on the same training images the search used)::
 

@@ -1,4 +1,4 @@
-"""Block-wise knowledge distillation, LSQ+ phase (reference spec §5): each selected (stage, block) student
+"""Block-wise knowledge distillation, LSQ+ phase (as the original): each selected (stage, block) student
 starts from its fp32 checkpoint (<output_dir>/block_kd/<superspace>/stage{X}_{B}/checkpoint.pth, written by
 train_block_kd.py; a missing one is an error), is switched to LSQ+ fake quantization (--quant_preset), gets
 its scales initialised from data and continues the distillation.

@@ -195,7 +195,7 @@ class Demo:
         # Real INT8 files with the learned LSQ+ scales, checked against torch fake-quant on val images.
         self.run("onnx_tools/export_int8_lsq.py", *subnets, "--output_dir", deploy / "onnx", "--verify",
                  "--data_dir", self.data)
-        # LiteRT for the larger subnet only: each litert-torch conversion takes ~20 s here (int8 + fp32 per model)
+        # LiteRT for the larger subnet only: litert-torch conversions are slow (one int8 + one fp32 per model)
         self.run("tflite_tools/export_int8_lsq.py", subnets[-1], "--output_dir", deploy / "tflite", "--verify",
                  "--data_dir", self.data)
         self.run("onnx_tools/benchmark.py", "--input", deploy / "onnx", "--output", deploy / "onnx_latency.csv")

@@ -1,4 +1,4 @@
-"""Space search (reference spec §7): aging evolution over (block type, width window) per stage1..6,
+"""Space search (as the original's `search_block_kd.py`): aging evolution over (block type, width window) per stage1..6,
 scored by the Q-T score computed from the block-KD LUTs only.
 
 Example (search, then score given spaces)::
@@ -57,7 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency_predictor", default=None,
                    choices=["ort_int8", "ort_fp32", "tflite_int8", "tflite_fp32"],
                    help="predict the first_conv/stage0/head latency per resolution with this platform's table "
-                        "(spec §7.1) instead of --fixed_latency_csv")
+                        "(on the min subnet of the supernet, as the original does) instead of --fixed_latency_csv")
     p.add_argument("--latency_table_dir", default=None, help="dir of <platform>.json (build_latency_table.py)")
     p.add_argument("--population", type=positive_int, default=500)
     p.add_argument("--parents", type=positive_int, default=125, help="tournament size")
@@ -104,7 +104,7 @@ def space_operators(space: SuperSpace):
         w = rng.choice([v for v in range(n_windows[i]) if v != c.windows[i]])
         return SupernetChoice(c.superspace, c.blocks, c.windows[:i] + (w,) + c.windows[i + 1:])
 
-    # spec §7.3: every stage gets block i and window min(j, n_windows - 1)
+    # the original's uniform seeds: every stage gets block i and window min(j, n_windows - 1)
     uniform = [SupernetChoice(space.name, (i,) * len(n_windows), tuple(min(j, n - 1) for n in n_windows))
                for i in range(n_blocks) for j in range(max(n_windows))]
     return random_candidate, mutate_block, mutate_window, uniform
@@ -120,7 +120,7 @@ def make_fitness(scorer: QTScorer):
 def run_search(scorer: QTScorer, space: SuperSpace, population: int = 500, parents: int = 125,
                cycles: int = 5000, seed: int = 0, state_path: str | None = None, resume: bool = False,
                progress: bool = True, config: dict | None = None) -> Evolution:
-    """Aging evolution of spec §7.3 over the supernet choices of `space`; returns the Evolution."""
+    """Aging (regularized) evolution, as the original's, over the supernet choices of `space`; returns the Evolution."""
     random_candidate, mutate_block, mutate_window, uniform = space_operators(space)
     evo = Evolution(make_fitness(scorer), encode=str, decode=parse_supernet, seed=seed,
                     state_path=state_path, progress=progress, config=config)

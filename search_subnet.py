@@ -1,4 +1,4 @@
-"""Subnet search (reference spec §9): evolutionary search over the subnets of a trained supernet, per latency
+"""Subnet search (as the original): evolutionary search over the subnets of a trained supernet, per latency
 target c, for the best held-out top-1 among subnets whose predicted latency lies in [c - d, c].
 
 Example (digits demo, tiny superspace, two targets, small search)::

@@ -1,4 +1,4 @@
-"""Block-wise knowledge distillation, fp32 phase (reference spec §5): every selected (stage, block) student
+"""Block-wise knowledge distillation, fp32 phase (as the original): every selected (stage, block) student
 mimics its teacher stage with the NSR loss and the 4-sub-stage sandwich rule.
 
     python train_block_kd.py --superspace tiny --output_dir ./checkpoints            # all stages and blocks

@@ -10,7 +10,7 @@
     # continue an interrupted run (either mode)
     python train_supernet.py -c ... --supernet_choice ... [--quant_mode lsq] --resume
 
-Each step (spec §8.5): the max subnet (max resolution, dropout) learns from the labels with label-smoothed
+Each step (the sandwich rule): the max subnet (max resolution, dropout) learns from the labels with label-smoothed
 CE; the min subnet (min resolution) and `num_arch_training - 2` random subnets (resolution drawn from the
 superspace's whole `supernet_hw_list`) learn from the max subnet's detached logits with AlphaNet's
 adaptive α-divergence. Subnets are drawn from `random.Random(seed * 1_000_003 + step)`, so every rank
@@ -145,8 +145,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("runtime")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     g.add_argument("--channels_last", action=bool_arg, default=False,
-                   help="NHWC memory format for weights and images: on CPU 1.2x faster per fp32 step (tiny demo, "
-                        "2 threads: 17.9 -> 15.0 s per epoch)")
+                   help="NHWC memory format for weights and images: faster fp32 steps on CPU, where oneDNN's "
+                        "convolutions prefer NHWC")
     g.add_argument("--deterministic", action=bool_arg, default=False,
                    help="deterministic kernels (bit-exact resume on CPU with a fixed --threads)")
     g.add_argument("--amp", choices=AMP_MODES, default="off",

@@ -1,4 +1,4 @@
-"""Deployment fidelity of a trained LSQ+ subnet (issue 9): is the int8 model that runs on the device the
+"""Deployment fidelity of a trained LSQ+ subnet: is the int8 model that runs on the device the
 model we trained and validated?
 
 For one LSQ+ network (a standalone subnet checkpoint, or a demo subnet trained here if none is given)
@@ -7,7 +7,7 @@ on the same validation images:
 * torch fake-quant (the reference: what training validated) and torch with the quantizers off;
 * ONNX Runtime int8 with the learned scales (`modules.deploy.export_onnx_int8`, QDQ -> QLinear*),
   ONNX Runtime fp32 (BN folded), and the original's way: the fp32 ONNX re-quantized by
-  ``quantize_static`` (QOperator, per channel) on 30 random inputs (spec §11.2), plus the same with
+  ``quantize_static`` (QOperator, per channel) on 30 random inputs (as the original's ONNX tools do), plus the same with
   real calibration images (PTQ) for reference;
 * LiteRT int8 with the learned scales (`modules.deploy.export_tflite_int8`) and LiteRT fp32.
 
@@ -18,7 +18,7 @@ file (1 thread, batch 1) with the speed-up over the fp32 file of the same runtim
 report of the int8 ONNX file (`modules.deploy.inspect_deployed`: int8 kernels, float fallbacks,
 profiled int8 vs fp32 time per block).
 
-    python -m bench.deploy_fidelity                                    # trains the demo subnet once (~5 min)
+    python -m bench.deploy_fidelity                                    # trains the demo subnet once (minutes)
     python -m bench.deploy_fidelity --checkpoint checkpoints/subnets/tiny-...pth --data_dir <ImageFolder>
     # the files onnx_tools/ and tflite_tools/export_int8_lsq.py wrote for that checkpoint, as deployed
     python -m bench.deploy_fidelity --checkpoint checkpoints/subnets/tiny-...pth --onnx_dir <dir> --tflite_dir <dir>

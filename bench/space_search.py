@@ -1,4 +1,4 @@
-"""Benchmark of the space search (issue 6): vectorised Q-T scorer vs a pure-Python reference scorer written
+"""Benchmark of the space search: vectorised Q-T scorer vs a pure-Python reference scorer written
 like the original (per-sample loops, list of dicts, Python sorts), on a synthetic full-size onnxw LUT
 (1000 rows per file, all 132 files), with identical random draws; then a full default search.
 
@@ -26,7 +26,7 @@ from modules.qt_score import Draws, QTScorer  # noqa: E402
 
 def reference_score(lut: Lut, blocks, windows, constraints, t: float, a: float, top_k: int, draws: Draws,
                     resolutions, fixed_latency: dict, u_lists=None):
-    """Pure-Python Q-T score (spec §7.2, like the original searcher) from the same draws as QTScorer.
+    """Pure-Python Q-T score (written like the original searcher) from the same draws as QTScorer.
 
     Returns (score, lat_loss, top_loss) summed over the constraints."""
     u = u_lists if u_lists is not None else draws.u.tolist()

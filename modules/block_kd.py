@@ -1,9 +1,9 @@
-"""Block-wise knowledge distillation (reference spec §5) and the pieces the LUT build shares (§6).
+"""Block-wise knowledge distillation, as in the original, and the pieces the LUT build shares.
 
 * `StagePlusProj`: in_proj (1x1 + bias, teacher_cin -> sampled CIN from the previous stage's *full* width
   list) -> elastic stage (full width and depth lists) -> out_proj (1x1 + bias, active width -> teacher_cout).
 * `nsr_loss`: per (n, c), mean_hw (S - T)^2 / (unbiased var_hw(T) + eps), averaged. Normalised by the
-  *teacher's* variance with an eps (the original divides by the student's, without eps: spec §13.1 item 7).
+  *teacher's* variance with an eps (the original divides by the student's, without eps: it blows up as that nears 0).
 * `FeatureCache`: teacher (stage input, stage output) per resolution for a fixed BN-calibration set and a
   fixed held-out set, computed once. Both use the evaluation transform: calibration images are train images
   (never held-out ones); calibrating on augmented crops and measuring on centre crops shifts the BN statistics,
@@ -99,7 +99,7 @@ def stage_dir(output_dir: str | os.PathLike, superspace: str, stage: int, block:
 
 # ------------------------------------------------------------------------------------------ loss
 def channels_last(t: torch.Tensor) -> torch.Tensor:
-    """NHWC memory layout: oneDNN's convolutions (forward and backward) run about 1.5-2x faster on CPU."""
+    """NHWC memory layout: oneDNN's convolutions (forward and backward) run faster on CPU."""
     return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
 
 
@@ -131,7 +131,7 @@ class SubStage:
 
 
 class StagePlusProj(nn.Module):
-    """The block-KD student of searchable stage `stage` (1..6) with candidate block `block` (spec §5.2)."""
+    """The block-KD student of searchable stage `stage` (1..6) with candidate block `block`."""
 
     def __init__(self, space: SuperSpace, stage: int, block: int, teacher_cin: int, teacher_cout: int):
         super().__init__()
@@ -483,9 +483,8 @@ def add_block_kd_args(parser: argparse.ArgumentParser, phase: str) -> argparse.A
     parser.add_argument("--student_procs", type=int, default=1,
                         help="train the students in this many local processes of 1 thread each, every process a "
                              "disjoint share of the (stage, block) pairs: students are independent, so no gradient "
-                             "is exchanged (the demo's LSQ+ block KD of 36 tiny students on 2 idle cores: 104 s in one "
-                             "process with 2 threads, 71 s with 2 processes); not under torchrun (default: "
-                             "%(default)s)")
+                             "is exchanged, and one-thread processes scale better over the cores than one process with "
+                             "several threads on small students; not under torchrun (default: %(default)s)")
     parser.add_argument("--hflip", action="store_true", help="random horizontal flips (natural images)")
     parser.add_argument("--teacher_weights", default=None,
                         help="teacher weights: EfficientNet-B5 state dict (mobilew/onnxw; default: torchvision's "

@@ -1,4 +1,4 @@
-"""Block families of the superspaces (reference spec §2.2), elastic in kernel, width and expand ratio.
+"""Block families of the superspaces (those of the original code), elastic in kernel, width and expand ratio.
 
 Every block is built from its `BlockSpec` choices, the widths its input may have (`in_list`) and its
 output width choices (`width_list`); `set_active(k, w, e)` picks one configuration and the input

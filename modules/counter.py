@@ -1,4 +1,4 @@
-"""MACs and parameter counts with the original's conventions (reference spec §1.4, §6 step 6).
+"""MACs and parameter counts with the original's conventions (those of its released results and block LUTs).
 
 * MACs (the original calls them "FLOPs"): multiply-accumulates of every conv and linear layer, as
   run (active widths and kernels), for one image. BN, activations, adds and pooling are not counted.

@@ -1,4 +1,4 @@
-"""String encodings of supernets, subnets and LUT sub-stages (reference spec §3), with validation.
+"""String encodings of supernets, subnets and LUT sub-stages (the original's formats), with validation.
 
 * supernet: ``onnxw-151122-023231`` = superspace, block index per stage1..6, width window per stage1..6
   (the window group may be omitted: all zeros).

@@ -41,7 +41,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on conv/linear weights only: not on BN affine params, biases or LSQ+ scales.
 
     (The original matched ".bn" but names its BN modules "norm", so it decayed BN gammas and LSQ
-    scales, spec §13.1 item 9.)
+    scales.)
     """
     no_decay_ids = {id(p) for p in quant_parameters(model)}
     for m in model.modules():
@@ -156,7 +156,7 @@ def build_sgd(model: nn.Module, lr: float, momentum: float = 0.9, nesterov: bool
 
 def build_warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
                         warmup_start: float = 0.001) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-iteration scheduler: lr = base · `warmup_cosine(total_steps, warmup_steps)(it)` (spec §8.3)."""
+    """Per-iteration scheduler: lr = base · `warmup_cosine(total_steps, warmup_steps)(it)`, as the original's."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps, warmup_start))
 
 

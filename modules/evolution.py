@@ -1,4 +1,4 @@
-"""One generic evolution engine, shared by the space search (spec §7.3) and the subnet search (spec §9.3).
+"""One generic evolution engine, shared by the space search (aging evolution) and the subnet search (top-k).
 
 The caller supplies candidates through functions; the engine only sees their string keys:
 
@@ -242,7 +242,7 @@ def _fill(evo: Evolution, population: list, target: int, budget: int, random_can
 
 def aging_evolution(evo: Evolution, *, initial: list, random_candidate: Callable, mutations: list[Callable],
                     population_size: int, parent_size: int, cycles: int, max_stale: int = 1000) -> list[Record]:
-    """Aging (regularized) evolution, spec §7.3.
+    """Aging (regularized) evolution, the original space search's.
 
     Seeds the population with `initial`, fills it with random candidates, then per step: a tournament of
     `parent_size` picks the parent; each operator of `mutations` makes one child, which, if new, is
@@ -301,7 +301,7 @@ def _aging_steps(evo, st, population, initial, random_candidate, mutations, popu
 def topk_evolution(evo: Evolution, *, random_candidate: Callable, mutate: Callable, crossover: Callable,
                    population_size: int, parent_size: int, iterations: int, num_mutations: int,
                    num_crossovers: int, max_crossover_tries: int = 50) -> list[dict]:
-    """Top-k evolution, spec §9.3: a random initial population; per iteration the top `parent_size`
+    """Top-k evolution, the original subnet search's: a random initial population; per iteration the top `parent_size`
     become parents, `num_mutations` mutants of random parents and `num_crossovers` crossovers of random
     distinct parent pairs (a mutant of the first parent when `max_crossover_tries` fail) are added, and
     parents + children form the next population. Returns the per-iteration best: [{iteration, key, score}]."""

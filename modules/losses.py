@@ -1,5 +1,5 @@
 """Losses for supernet training: label-smoothing cross-entropy (max subnet) and AlphaNet's adaptive
-α-divergence (in-place distillation of the other subnets from the max subnet, reference spec §8.6).
+α-divergence (in-place distillation of the other subnets from the max subnet, as in the original).
 
     ce = CrossEntropyLabelSmooth(0.1)
     kd = AdaptiveLossSoft(alpha_min=-1.0, alpha_max=1.0, iw_clip=5.0)

@@ -8,7 +8,7 @@ the scales are initialised from the first batch that flows through (min/max), un
 loaded from a checkpoint (`initialized` is a buffer, saved with the weights).
 
 Presets (what the fake-quant simulates):
-  * ``original``: as the SpaceEvo code (spec §4): per-tensor weights in [-128, 127], unsigned 8-bit
+  * ``original``: as the SpaceEvo code: per-tensor weights in [-128, 127], unsigned 8-bit
     activations with a continuous learned offset. Not exactly representable by int8 backends.
   * ``ort`` / ``tflite``: per-channel symmetric weights in [-127, 127] (so BN folding and the sign of
     gamma are exact), 8-bit asymmetric activations whose zero point is an integer (the offset is
@@ -20,12 +20,12 @@ Presets (what the fake-quant simulates):
     swish inputs, SE, GAP inputs: `modules.ops.TensorQuantizer`, `modules.blocks`), and
     `modules.deploy` exports the learned scales to int8 ONNX / TFLite.
 
-Fixes against the original (spec §13.1): the weight scale starts at max|W|/127 (the original's
+Fixes against the original: the weight scale starts at max|W|/127 (the original's
 max|W|/255 clipped half the range); the root module is switched too; scales have a floor.
 
 `quantize_activation_reference` / `quantize_weight_reference` define the fake-quant as chains of autograd ops;
 training runs `quantize_activation` / `quantize_weight`: one autograd node each, the same values bit for bit
-and the same straight-through gradients, in about half the time (issue 7: LSQ+ step <= 1.5x fp32).
+and the same straight-through gradients, in less time, so that an LSQ+ step costs not much more than an fp32 one.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Block-KD lookup tables (LUTs): one CSV per (stage, candidate block, width window), reference spec §3.3.
+"""Block-KD lookup tables (LUTs): one CSV per (stage, candidate block, width window), in the original's format.
 
 A LUT line has no header and 6 fields, the 4 numbers printed with ``%.4f``::
 
@@ -322,7 +322,7 @@ def load_lut_dir(lut_dir: str, superspace: str | SuperSpace, hw_list: Sequence[i
 
 
 # ------------------------------------------------------------------------------------ synthetic LUTs
-# Per-stage medians of the shipped onnxw LUT (spec §12.3): nsr loss and latency (ms).
+# Per-stage medians of the onnxw LUT released with the original code: nsr loss and latency (ms).
 _SYN_NSR = (0.26, 0.36, 0.43, 0.30, 0.73, 0.90)
 _SYN_LAT = (5.7, 2.6, 2.1, 3.5, 2.7, 1.3)
 
@@ -334,7 +334,7 @@ def write_synthetic_lut(out_dir: str, superspace: str | SuperSpace, rows_per_fil
     Sub-stages are sampled as in the LUT build (depth, k, e uniform, widths uniform in the window, CIN
     uniform over the previous stage's full list; each resolution gets 1/3 of the rows, shuffled). NSR
     falls and latency rises with the sub-stage's capacity; each (stage, block) gets a random quality/cost
-    factor, so the best space is not trivial. Value ranges resemble the shipped onnxw LUT (spec §12.3).
+    factor, so the best space is not trivial. Value ranges resemble the onnxw LUT released with the original.
     Deterministic in `seed`.
     """
     space = _space(superspace)

@@ -1,4 +1,4 @@
-"""Elastic ops: weights stored at the maximum size, sliced per forward (reference spec §2.1).
+"""Elastic ops: weights stored at the maximum size, sliced per forward, as in the original.
 
 * `DynamicConv2d`: first `active_out_channels` outputs, first x.shape[1] inputs, the centred
   `active_kernel_size` crop of the largest kernel (no OFA kernel transform), optional bias.
@@ -274,7 +274,7 @@ class DynamicSE(nn.Module):
     """Squeeze-excite: GAP -> 1x1 conv C->mid (+bias) -> ReLU -> 1x1 conv mid->C (+bias) -> Hardsigmoid -> x*s.
 
     The active mid width is set by the owning block (`active_mid`): from the active C for MBv3-style
-    SE, from the block's input width for ResNet-style SE (spec §2.1).
+    SE, from the block's input width for ResNet-style SE (as the original does).
     """
 
     def __init__(self, max_channels: int, max_mid: int, input_act: str = "none"):

@@ -1,4 +1,4 @@
-"""Q-T score of a candidate space (block type and width window per stage1..6), reference spec §7.2.
+"""Q-T score of a candidate space (block type and width window per stage1..6), the original space search's fitness.
 
 For each chunk of `chunk` samples one resolution R is drawn from the LUT's resolutions; each stage draws
 `chunk` rows (with replacement) of its file ``stage{i}_{b_i}_{w_i}`` at R. A sample's loss is the sum of
@@ -67,7 +67,7 @@ def load_fixed_latency(path: str) -> dict[int, float]:
 
 
 def fixed_stage_latency(predictor, space) -> dict[int, float]:
-    """L_fixed(R) of spec §7.1: predicted latency of the parts block KD does not cover (first_conv, stage0,
+    """L_fixed(R), as in the original: predicted latency of the parts block KD does not cover (first_conv, stage0,
     final_expand, feature_mix, logits) in the min subnet of the all-zero supernet, per block-KD resolution.
     `predict_blocks` adds the predictor's whole-network constant, so it is counted here, once per sample;
     the LUT rows hold only the slope times their block sum (modules.block_kd.make_latency_fn)."""

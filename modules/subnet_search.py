@@ -1,10 +1,10 @@
-"""Subnet search (reference spec §2.3 mutation/crossover, §9) and subnet checkpoints.
+"""Subnet search (the original's mutation, crossover and top-k evolution) and subnet checkpoints.
 
 The pieces `search_subnet.py`, `eval_supernet.py`, `export_subnet.py` and `downstream_cls.py` share:
 
 * `SubnetSpace`: the subnet choices of one supernet (depth, kernel, width window, expand per stage and
   the superspace's full `supernet_hw_list`) with the operators of the search: `random`, `mutate`
-  (spec §2.3, over every resolution, not just {192, 208, 224}) and `crossover`; they take an explicit
+  (the original's, but over every resolution, not just {192, 208, 224}) and `crossover`; they take an explicit
   `random.Random` and return `SubnetConfig`s with float/None expand ratios.
 * `LatencyOracle`: cached predicted latency of a `SubnetConfig` (anything with `predict_subnet(net)`).
 * `SubnetEvaluator`: the fitness, top-1 of the BN-recalibrated subnet on fixed, in-memory batches
@@ -57,7 +57,7 @@ class StageChoices:
 
 
 class SubnetSpace:
-    """The subnets of one supernet choice, with the search operators (spec §2.3)."""
+    """The subnets of one supernet choice, with the search operators."""
 
     def __init__(self, choice: SupernetChoice, hw_list: Sequence[int] | None = None):
         self.choice = choice
@@ -394,7 +394,7 @@ class SubnetEvaluator:
 # ------------------------------------------------------------------------------------------ search
 @dataclass
 class SearchSettings:
-    """Defaults of the original (spec §9.3)."""
+    """Defaults of the original subnet search."""
     population: int = 512
     parent_ratio: float = 0.5
     iterations: int = 20
@@ -459,7 +459,7 @@ def run_subnet_search(space: SubnetSpace, lat: LatencyOracle, evaluator: Callabl
                       save_interval: float = 30.0, progress: bool = True, config: dict | None = None,
                       platform: str = "", fitness_cache: dict | None = None,
                       log: Callable[[str], None] | None = None) -> SearchOutcome:
-    """Top-k evolution (spec §9.3) over the subnets of `space` with predicted latency in [target - delta, target].
+    """Top-k evolution over the subnets of `space` with predicted latency in [target - delta, target].
 
     `evaluator(cfg) -> top-1` is only called for in-window candidates. `fitness_cache` (key -> top-1) may be
     shared between targets. With `resume` and an existing `state_path`, the saved search continues and ends

@@ -5,7 +5,7 @@ head), their width lists, depth lists, strides and width-window sizes, and the o
 candidate block types. A *supernet* picks one block type and one width window per searchable stage
 (encoding `onnxw-151122-023231`); a *subnet* picks depth, kernel, width and expand per block.
 
-Numbers follow the original code (reference spec §1); `tiny` is our own small space for the demo.
+Numbers follow the original code; `tiny` is our own small space for the demo.
 """
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ class SuperSpace:
         raise ValueError(f"{self.name} {stage_name}: input size {hw} matches no resolution; allowed {allowed}")
 
     def prev_width_list(self, stage_name: str) -> tuple[int, ...]:
-        """Widths a sub-stage's input may have: the previous stage's full list (spec §3.3)."""
+        """Widths a sub-stage's input may have: the previous stage's full list, as in the original's LUTs."""
         return self.stages[STAGE_NAMES.index(stage_name) - 1].width_list
 
     def check_choice(self, blocks: tuple[int, ...], windows: tuple[int, ...]) -> None:

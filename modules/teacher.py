@@ -1,4 +1,4 @@
-"""Block-KD teachers (reference spec §5.1): a classifier split as stem, stage0..stage6 and head.
+"""Block-KD teachers: a classifier split as stem, stage0..stage6 and head.
 
 Student stage X (1..6) of a superspace distils teacher stage X: its input is the teacher's *input* to
 that stage, its target the teacher's output. Two teachers:
@@ -38,7 +38,7 @@ log = logging.getLogger("spaceevo.teacher")
 NUM_STAGES = 6  # distilled stages 1..6
 EFFNET_B5_FILE = "efficientnet_b5_lukemelas-1a07897c.pth"
 EFFNET_B5_URL = "https://download.pytorch.org/models/" + EFFNET_B5_FILE
-# spec §5.1: stem 48, stage0..stage6 outputs
+# the original's EfficientNet-B5 split: stem 48, stage0..stage6 outputs
 EFFNET_B5_CHANNELS = (48, 24, 40, 64, 128, 176, 304, 512)
 TINY_TEACHER_ARCH = "tiny_convnet"
 
@@ -158,7 +158,7 @@ def check_teacher(teacher: StagedTeacher, space: SuperSpace, hw_list: Sequence[i
                 h = y
             if expected_channels is not None and tuple(widths) != tuple(expected_channels):
                 raise ValueError(f"teacher {teacher.name}: stem/stage0..stage6 widths {tuple(widths)}, expected "
-                                 f"{tuple(expected_channels)} (spec §5.1)")
+                                 f"{tuple(expected_channels)}")
     finally:
         teacher.train(was_training)
     teacher.stage_channels = channels

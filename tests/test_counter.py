@@ -1,4 +1,4 @@
-"""MACs / params counter (spec §1.4, §6 step 6): the original's "FLOPs" are multiply-accumulates; params count
+"""MACs / params counter, with the original's conventions: the original's "FLOPs" are multiply-accumulates; params count
 BN affine parameters and 3 LSQ+ scalars per conv/linear."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _substage(space: str, index: int, text: str, cin: int, stride: int) -> Dynam
 
 
 def test_spec_lut_row_mobilew_stage1_v1dual():
-    """First row of the released mobilew/stage1_0_0.csv: 19.6690 MMACs, 0.0069 Mparams (spec §6)."""
+    """First row of the released mobilew/stage1_0_0.csv: 19.6690 MMACs, 0.0069 Mparams."""
     stage = _substage("mobilew", 0, "3#32#None_3#32#None", cin=32, stride=2)
     macs, params = count_macs(stage, (1, 32, 112, 112)), count_params(stage)
     # block 1 (stride 2, 112 -> 56, projection shortcut): dw 3x3 + pw + dw 3x3 + pw + shortcut 1x1
@@ -97,7 +97,7 @@ def test_params_count_lsq_scalars_whatever_the_mode():
 
 
 def test_head_params_of_a_released_subnet():
-    """About 4.4 M of every subnet's parameters is the head (spec §1.4)."""
+    """About 4.4 M of every subnet's parameters is the head, as the original's released results imply."""
     net = build_subnet("onnxw-151122-023231", "d1#1#2#2#2#2#2#1_k3#3#3#3#3#3#3#3#3#3#3#3#3_w16#16#32#32#64#64#112#"
                        "112#144#144#240#240#320_e0#0.5#4.0#4.0#1.0#1.0#4.0#4.0#4.0#4.0#4.0#4.0#4.0_r160")
     head = count_params(net.feature_mix) + count_params(net.logits)

@@ -1,4 +1,4 @@
-"""Encodings (spec §3): supernet, subnet and LUT sub-stage strings round-trip and reject bad input clearly."""
+"""Encodings (the original's formats): supernet, subnet and LUT sub-stage strings round-trip and reject bad input clearly."""
 from __future__ import annotations
 
 import re
@@ -16,7 +16,7 @@ SUPERNETS = RESULTS["supernets"]
 SUBNETS = RESULTS["subnets"]
 
 VNNI = "onnxw-151122-023231"
-# SEQnet@vnni-A0 (spec §3.2): 13 blocks
+# SEQnet@vnni-A0 (released with the original): 13 blocks
 VNNI_A0 = SUBNETS["SEQnet@vnni-A0"]["arch"]
 
 

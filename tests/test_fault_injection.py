@@ -1,4 +1,4 @@
-"""Fault injection (issue #11): a process SIGKILLed in the middle of `modules.checkpoint.atomic_save` never
+"""Fault injection: a process SIGKILLed in the middle of `modules.checkpoint.atomic_save` never
 damages the previous checkpoint, and its half-written temp file is never picked up by `find_resume` /
 `load_checkpoint`; truncated checkpoints and truncated LUT CSVs give one clear error naming the file.
 

@@ -1,4 +1,4 @@
-"""Losses of supernet training: AlphaNet's adaptive α-divergence (spec §8.6) and label-smoothing CE."""
+"""Losses of supernet training: AlphaNet's adaptive α-divergence and label-smoothing CE."""
 from __future__ import annotations
 
 import math

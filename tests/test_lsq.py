@@ -1,4 +1,4 @@
-"""LSQ+ quantizers (spec §4, §13.1): forward vs torch fake-quant, STE gradients, init, mode switch, training."""
+"""LSQ+ quantizers and our fixes to the original's: forward vs torch fake-quant, STE gradients, init, mode switch, training."""
 from __future__ import annotations
 
 import io
@@ -360,7 +360,7 @@ def test_fused_supernet_gradients_match_reference_chain(encoding, preset, dtype,
     assert loss_f == loss_r  # bit-identical forward
     assert grads_f.keys() == grads_r.keys() and any("scale" in n for n in grads_f)
     # float32: sums in another order move a scale's gradient by up to ~2e-4 relative, and by more where its
-    # terms cancel (1.5 % of a scale gradient 400x smaller than the largest one, seen on an AVX-512 CPU);
+    # terms cancel (a scale gradient far smaller than the largest one moves by percents, with the CPU's vector width);
     # the chains leave ~1e-11 where the truth is 0
     rel, floor = (1e-3, 1e-5) if dtype == torch.float32 else (1e-9, 1e-12)
     largest = max(float(g.abs().max()) for g in grads_r.values())
@@ -414,7 +414,7 @@ def test_module_gradient_scale_factors():
 @pytest.mark.parametrize("preset", ["original", "ort", "tflite"])
 @pytest.mark.parametrize("kind", ["QConv2d", "DynamicConv2d", "QLinear", "DynamicLinear", "depthwise"])
 def test_first_forward_clips_no_weight(kind, preset):
-    """The original initialised sw = max|W|/255 and clipped about half the weights (spec §4.5, §13.1 item 1)."""
+    """The original initialised sw = max|W|/255 and clipped about half the weights."""
     torch.manual_seed(9)
     op, x = {
         "QConv2d": (lambda: QConv2d(8, 16, 3, padding=1), torch.randn(2, 8, 5, 5)),
@@ -470,7 +470,7 @@ def test_scale_floor_keeps_zero_scale_finite():
 
 # --------------------------------------------------------------------------- mode switch
 def test_set_quant_mode_on_bare_qconv2d_root_module():
-    """The original skipped the root module, so a bare op stayed fp32 (spec §13.1 item 2)."""
+    """The original skipped the root module, so a bare op stayed fp32."""
     torch.manual_seed(11)
     conv = QConv2d(3, 4, 3, padding=1)
     x = torch.randn(2, 3, 6, 6)

@@ -1,4 +1,4 @@
-"""Malformed inputs (issue #11): every stage script answers bad input with exit code 2 and ONE line
+"""Malformed inputs: every stage script answers bad input with exit code 2 and ONE line
 ``error: ...`` on stderr that names the offending thing (file path, token, key) — never a traceback.
 
 The table ``CASES`` below IS the documentation of what is checked: one row per kind of malformed input,
@@ -11,7 +11,7 @@ The table ``CASES`` below IS the documentation of what is checked: one row per k
   key at fault and what is wrong with it;
 * ``sub=True`` runs the script as a real subprocess (``python <script> ...``), checking the exit code and the
   whole of stderr; the other rows call the script's ``main`` through ``modules.cli.run_main`` in this
-  process (same code path, without paying ~3 s of torch start-up per row).
+  process (same code path, without paying torch's start-up per row).
 
 Every row fails before any training starts, so the file stays well under a minute on 2 cores.
 """

@@ -1,4 +1,4 @@
-"""Offline and safe loading (issue #11).
+"""Offline and safe loading.
 
 * The demo's first stages run with the network blocked: a ``sitecustomize.py`` put first on the subprocesses'
   PYTHONPATH makes every IPv4/IPv6 ``connect`` / ``sendto``, ``socket.create_connection`` and

@@ -1,4 +1,4 @@
-"""SIGTERM on the long jobs (issue #11): the process exits promptly with code 143, what it has done is saved,
+"""SIGTERM on the long jobs: the process exits promptly with code 143, what it has done is saved,
 and a run with ``--resume`` (or simply again, for the LUT build) continues instead of starting over.
 
 train_supernet.py has its own test (tests/test_train_supernet.py). Here: train_block_kd.py and

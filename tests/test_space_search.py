@@ -134,7 +134,7 @@ def test_search_finds_known_best(tmp_path):
     assert best.key == str(SupernetChoice("tiny", TARGET_B, TARGET_W)), [r.key for r in evo.best(5)]
     assert best.info["top_loss"] == pytest.approx(0.6 * 5 / (5 + 1e-5))
     assert len({r.key for r in evo.history}) == len(evo.history) <= 401  # 2 children per cycle
-    # the initial population holds the 6 x 3 uniform individuals of spec §7.3, then random ones
+    # the initial population holds the 6 x 3 uniform individuals of the original's seeding, then random ones
     assert [r.key for r in evo.history[:3]] == ["tiny-000000-000000", "tiny-000000-111111", "tiny-000000-112121"]
     assert len({r.key[5:11] for r in evo.history[18:24]}) > 1  # random blocks, not a hard-coded list
 

@@ -1,7 +1,7 @@
-"""Subnet search (issue 8): operators, window, reproducibility, resume after a kill, clear errors.
+"""Subnet search: operators, window, reproducibility, resume after a kill, clear errors.
 
 Runs on a random-init `tiny` supernet, a small digits ImageFolder at 32 px and a fake latency predictor (a MACs
-formula); `make_tiny_data`, `make_supernet_ckpts` and `FakePredictor` are shared with the other issue-8 tests.
+formula); `make_tiny_data`, `make_supernet_ckpts` and `FakePredictor` are shared with the other subnet tests.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Elastic supernet (spec §2): extraction exactness for every block family, configs, sampling, zero_last_gamma.
+"""Elastic supernet: extraction exactness for every block family, configs, sampling, zero_last_gamma.
 
 Forwards run on the `tiny` superspace (onnxw's six block families) and on `tinymw`, a test-only
 superspace with tiny's stages and mobilew's seven candidates and fixed blocks, so that every family of
@@ -295,7 +295,7 @@ def test_sampling_is_reproducible(encoding, full_supernets):
 
 @pytest.mark.parametrize("encoding", ["tiny-012345-010101", "onnxw-151122-023231", "mobilew-122222-155400"])
 def test_every_resolution_of_supernet_hw_list_is_sampled(encoding, full_supernets):
-    """The original sampled {192, 208, 224} only: 160 was seen by the min net, 176 never (spec §13.1 item 3)."""
+    """The original sampled {192, 208, 224} only: 160 was seen by the min net, 176 never."""
     net = full_supernets(encoding)
     rng = random.Random(0)
     seen = {net.sample_active_subnet(rng).resolution for _ in range(200)}
