@@ -56,8 +56,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="lines resolution,latency_ms: latency of first_conv, stage0 and head (default 0)")
     p.add_argument("--latency_predictor", default=None,
                    choices=["ort_int8", "ort_fp32", "tflite_int8", "tflite_fp32"],
-                   help="predict the first_conv/stage0/head latency per resolution with this platform's table "
-                        "(on the min subnet of the supernet, as the original does) instead of --fixed_latency_csv")
+                   help="predict the first_conv/stage0/head latency per resolution with this platform's table, on "
+                        "the min subnet of the all-zero supernet as the original does (instead of "
+                        "--fixed_latency_csv)")
     p.add_argument("--latency_table_dir", default=None, help="dir of <platform>.json (build_latency_table.py)")
     p.add_argument("--population", type=positive_int, default=500)
     p.add_argument("--parents", type=positive_int, default=125, help="tournament size")

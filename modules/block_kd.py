@@ -3,7 +3,8 @@
 * `StagePlusProj`: in_proj (1x1 + bias, teacher_cin -> sampled CIN from the previous stage's *full* width
   list) -> elastic stage (full width and depth lists) -> out_proj (1x1 + bias, active width -> teacher_cout).
 * `nsr_loss`: per (n, c), mean_hw (S - T)^2 / (unbiased var_hw(T) + eps), averaged. Normalised by the
-  *teacher's* variance with an eps (the original divides by the student's, without eps: it blows up as that nears 0).
+  *teacher's* variance with an eps (the original divides by the student's, without eps, so the loss explodes
+  as the student's variance nears 0).
 * `FeatureCache`: teacher (stage input, stage output) per resolution for a fixed BN-calibration set and a
   fixed held-out set, computed once. Both use the evaluation transform: calibration images are train images
   (never held-out ones); calibrating on augmented crops and measuring on centre crops shifts the BN statistics,

@@ -1,4 +1,4 @@
-"""Elastic stages and the weight-sharing supernet, after once-for-all as the original.
+"""Elastic stages and the weight-sharing supernet, after once-for-all, as in the original.
 
     net = SuperNet(parse_supernet("onnxw-151122-023231"))
     cfg = net.sample_active_subnet(random.Random(step))   # or set_max_subnet() / set_min_subnet()

@@ -1,4 +1,4 @@
-"""Encodings (the original's formats): supernet, subnet and LUT sub-stage strings round-trip and reject bad input clearly."""
+"""Encodings (the original's): supernet, subnet and LUT sub-stage strings round-trip and reject bad input clearly."""
 from __future__ import annotations
 
 import re

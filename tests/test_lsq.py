@@ -1,4 +1,4 @@
-"""LSQ+ quantizers and our fixes to the original's: forward vs torch fake-quant, STE gradients, init, mode switch, training."""
+"""LSQ+ quantizers, with our fixes: forward vs torch fake-quant, STE gradients, init, mode switch, training."""
 from __future__ import annotations
 
 import io
@@ -360,7 +360,7 @@ def test_fused_supernet_gradients_match_reference_chain(encoding, preset, dtype,
     assert loss_f == loss_r  # bit-identical forward
     assert grads_f.keys() == grads_r.keys() and any("scale" in n for n in grads_f)
     # float32: sums in another order move a scale's gradient by up to ~2e-4 relative, and by more where its
-    # terms cancel (a scale gradient far smaller than the largest one moves by percents, with the CPU's vector width);
+    # terms cancel (a scale gradient far smaller than the largest one can move by a few %, with the CPU's vector width);
     # the chains leave ~1e-11 where the truth is 0
     rel, floor = (1e-3, 1e-5) if dtype == torch.float32 else (1e-9, 1e-12)
     largest = max(float(g.abs().max()) for g in grads_r.values())

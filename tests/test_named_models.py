@@ -67,7 +67,7 @@ def test_missing_results_file(tmp_path):
 
 @pytest.mark.parametrize("platform", ["pixel4", "vnni"])
 def test_a0_is_the_min_subnet_of_its_supernet(platform):
-    """Each released A0 (run through the original code) is exactly the min subnet of its supernet."""
+    """Each released A0 is exactly the min subnet of its supernet."""
     a0 = nm.get_named_model(f"SEQnet@{platform}-A0")
     assert nm.extreme_subnet(a0.choice, "min") == a0.config
 
