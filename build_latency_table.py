@@ -11,7 +11,7 @@
    tests check, in a fraction of the time) or exported through torch (`--exporter torch`; always for
    LiteRT). Whole-model measurements are kept in the table too and reused on resume.
 
-Writes ``<output_dir>/latency/<platform>.json``; `modules.latency_predictor.load_predictor(platform,
+Writes ``<output_dir>/latency/<platform>.json``; `modules.latency.predictor.load_predictor(platform,
 superspace, <output_dir>/latency)` reads it (blocks missing from the table are predicted by a
 per-block-type regression fitted on the measured ones).
 
@@ -41,7 +41,8 @@ log = logging.getLogger("build_latency_table")
 
 
 def get_args_parser():
-    from modules.latency_predictor import CLOCKS, MEASURED_PLATFORMS, STATS
+    from modules.latency.keys import MEASURED_PLATFORMS
+    from modules.latency.timing import CLOCKS, STATS
 
     p = argparse.ArgumentParser("Measure the block-latency table of a superspace on this device", add_help=True)
     p.add_argument("--superspace", default="tiny", help="mobilew | onnxw | tiny")
@@ -84,24 +85,17 @@ def _check_args(args) -> None:
 
 def measure_calibration(pred, models: list[tuple[str, str]], superspace: str, progress: bool = True,
                         exporter: str = "direct", batch: int = 8) -> list[dict]:
-    """Whole-model latency of each (supernet, subnet), reusing the ones already in the table. ORT models
-    written directly are timed in batches over shuffled rounds (`measure_config_batch`)."""
-    import torch
+    """Whole-model latency of each (supernet, subnet) on the predictor's runner, reusing the ones already in
+    the table (saved after every batch)."""
     from tqdm import tqdm
 
-    from modules.latency_predictor import ORT_PLATFORMS, measure_config_batch, measure_subnet, subnet_block_configs
-    from modules.supernet import build_subnet
-
-    torch.set_num_threads(1)
     done = {(m["supernet"], m["subnet"]): m for m in pred.calibration if m.get("superspace") == superspace}
     todo = [m for m in dict.fromkeys(models) if m not in done]
     bar = tqdm(total=len(todo), desc="whole models", disable=not progress or not todo, unit="model")
-    for i in range(0, len(todo), batch):
-        chunk = todo[i:i + batch]
-        if exporter == "direct" and pred.platform in ORT_PLATFORMS:
-            stats = measure_config_batch({m: subnet_block_configs(*m) for m in chunk}, pred.platform, pred.mc, seed=i)
-        else:
-            stats = {m: measure_subnet(build_subnet(*m), pred.platform, pred.mc) for m in chunk}
+    step = min(batch, pred.batch_size)
+    for i in range(0, len(todo), step):
+        chunk = todo[i:i + step]
+        stats = pred.runner.time_models(chunk, pred.platform, pred.mc, exporter=exporter, seed=i)
         for (sup, sub), r in stats.items():
             done[(sup, sub)] = m = {"superspace": superspace, "supernet": sup, "subnet": sub,
                                     "measured_ms": r[pred.mc.stat], "runs": r["runs"]}
@@ -113,8 +107,8 @@ def measure_calibration(pred, models: list[tuple[str, str]], superspace: str, pr
 
 
 def main(args):
-    from modules.latency_predictor import (LatencyPredictor, device_info, fixed_block_configs, sample_subnets,
-                                           subnet_block_configs, table_path)
+    from modules.latency.predictor import LatencyPredictor, table_path
+    from modules.latency.sampling import fixed_block_configs, sample_subnets, subnet_block_configs
 
     _check_args(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -154,7 +148,7 @@ def main(args):
         log.info("correction for %s: latency = %.3f * sum(blocks) + %.4f ms; on the %d calibration models: "
                  "%.0f %% within +-10 %%, RMS relative error %.1f %%", args.superspace, a, b, len(y),
                  100 * within, 100 * rms)
-    pred.device = device_info()
+    pred.device = pred.runner.describe()
     pred.save()
     try:
         load = os.getloadavg()[0]

@@ -5,7 +5,7 @@ float (DequantizeLinear -> op -> QuantizeLinear left in the optimised graph, `on
 Shapes: for each searchable stage (stage1..6) of a superspace at `--resolution`, a stride-1 block with
 cin = cout = the middle width of the stage, the smallest kernel and the middle expand ratio; plus the
 fixed blocks (first conv, stage0, head). Each block is the standalone model of the latency predictor
-(`modules.latency_predictor.block_model_bytes`: the graph torch exports; INT8 = ORT static
+(`modules.latency.models.block_model_bytes`: the graph torch exports; INT8 = ORT static
 quantization, uint8 activations, int8 per-channel weights, block-boundary Q/DQ cut as inside a
 network). FP32 and INT8 are timed in interleaved rounds on the thread's CPU time (1 thread), so the
 ratio is robust on a shared machine.
@@ -82,7 +82,7 @@ def typical_blocks(superspace: str, resolution: int) -> list[tuple[str, dict]]:
 
 def interleaved(fns: dict, rounds: int, runs: int, min_time: float) -> dict[str, float]:
     """Median over rounds of each callable's per-round median CPU time (ms); rounds alternate the callables."""
-    from modules.latency_predictor import time_callable
+    from modules.latency.timing import time_callable
 
     per = {k: [] for k in fns}
     for _ in range(rounds):
@@ -126,7 +126,10 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def main(args):
-    from modules.latency_predictor import _ort_session, _session_runner, block_key, block_mmacs, block_model_bytes
+    from modules.latency.graph import block_mmacs
+    from modules.latency.keys import block_key
+    from modules.latency.models import block_model_bytes
+    from modules.latency.sessions import ort_session, session_runner
 
     spaces = args.superspace or ["mobilew", "onnxw"]
     os.makedirs(args.output_dir, exist_ok=True)
@@ -137,7 +140,7 @@ def main(args):
         for stage, cfg in typical_blocks(sp, args.resolution):
             b32 = block_model_bytes(cfg, "ort_fp32")
             b8 = block_model_bytes(cfg, "ort_int8", args.quant_format)
-            fns = {k: _session_runner(_ort_session(b, 1), iobinding=True) for k, b in (("fp32", b32), ("int8", b8))}
+            fns = {k: session_runner(ort_session(b, 1), iobinding=True) for k, b in (("fp32", b32), ("int8", b8))}
             ms = interleaved(fns, args.rounds, args.runs, args.min_time)
             fl, n_int8, n_qdq = float_ops(b8)
             row = {"superspace": sp, "stage": stage, "block": cfg["name"], "key": block_key(cfg),

@@ -72,7 +72,7 @@ def quantize_keep_stem_fp32(fp32: str, out: str) -> str:
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    from modules.export import _auto_reduce_range
+    from modules.export import auto_reduce_range
 
     m = onnx.load(fp32, load_external_data=False)
     shape = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
@@ -87,16 +87,16 @@ def quantize_keep_stem_fp32(fp32: str, out: str) -> str:
             return next(self.it, None)
 
     quantize_static(fp32, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    reduce_range=_auto_reduce_range(None), activation_type=QuantType.QUInt8,
+                    reduce_range=auto_reduce_range(None), activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
                     extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
     return out
 
 
 def _runner(path, threads):
-    from modules.benchmark import onnx_session
+    from modules.latency.sessions import ort_session
 
-    sess = onnx_session(path, threads)
+    sess = ort_session(path, threads)
     i = sess.get_inputs()[0]
     feed = {i.name: np.random.default_rng(0).standard_normal([d if isinstance(d, int) else 1 for d in i.shape]
                                                               ).astype(np.float32)}

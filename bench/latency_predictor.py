@@ -93,7 +93,7 @@ class State:
 
 
 def _whole(cfgs, platform, mc, exporter, sup=None, sub=None, runs=20, tmin=0.3) -> dict:
-    from modules.latency_predictor import measure_configs, measure_subnet
+    from modules.latency.local import measure_configs, measure_subnet
 
     if exporter == "direct":
         return measure_configs(cfgs, platform, mc, min_runs=runs, min_time=tmin)
@@ -132,9 +132,12 @@ def fit_correction(sums, meas) -> tuple[float, float]:
 def main(args):
     from tqdm import tqdm
 
-    from modules.latency_predictor import (BlockRegressor, LatencyPredictor, _measure_block, block_key,
-                                           fixed_block_configs, measure_config_batch, parse_block_key,
-                                           random_subnet, random_supernet, subnet_block_configs, time_rounds)
+    from modules.latency.keys import block_key, parse_block_key
+    from modules.latency.local import measure_block_stats, measure_config_batch
+    from modules.latency.predictor import LatencyPredictor
+    from modules.latency.regression import BlockRegressor
+    from modules.latency.sampling import fixed_block_configs, random_subnet, random_supernet, subnet_block_configs
+    from modules.latency.timing import time_rounds
 
     os.makedirs(args.output_dir, exist_ok=True)
     t_start = time.time()
@@ -215,14 +218,15 @@ def main(args):
 
             import torch
 
-            from modules.latency_predictor import _ort_session, _session_runner, export_subnet, subnet_model_bytes
+            from modules.latency.models import export_subnet, subnet_model_bytes
+            from modules.latency.sessions import ort_session, session_runner
             from modules.supernet import build_subnet
 
             torch.set_num_threads(1)
             with tempfile.TemporaryDirectory() as tmp:
                 path = export_subnet(build_subnet(*m), args.platform, tmp, mc.quant_format)
-                fns = {"torch": _session_runner(_ort_session(open(path, "rb").read(), 1)),
-                       "direct": _session_runner(_ort_session(subnet_model_bytes(cfgs[m], args.platform), 1))}
+                fns = {"torch": session_runner(ort_session(open(path, "rb").read(), 1)),
+                       "direct": session_runner(ort_session(subnet_model_bytes(cfgs[m], args.platform), 1))}
                 st = time_rounds(fns, 3, args.model_runs, mc.max_runs, args.model_time, 2, mc.clock)
             state.put(key, {k: _keep(v) for k, v in st.items()})
         checks.append(state.get(key))
@@ -232,7 +236,7 @@ def main(args):
         for m in tqdm(test[: args.ablation], desc="ablation blocks", disable=not progress, unit="model"):
             key = f"ablation|{m[0]}|{m[1]}"
             if state.get(key) is None:
-                vals = [_measure_block(c, args.platform, mc, boundary="standalone")["min"] for c in cfgs[m]]
+                vals = [measure_block_stats(c, args.platform, mc, boundary="standalone")["min"] for c in cfgs[m]]
                 state.put(key, {"standalone_sum": float(sum(vals)), "n": len(vals)})
             ablation.append((m, state.get(key)))
     loads.append(os.getloadavg()[0])
