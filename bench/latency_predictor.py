@@ -60,6 +60,8 @@ def get_args_parser():
     p.add_argument("--min_runs", type=int, default=15, help="timed runs per block (at least)")
     p.add_argument("--min_time", type=float, default=0.03, help="measured seconds per block (at least)")
     p.add_argument("--rounds", type=int, default=6, help="shuffled timing rounds per block / model and pass")
+    p.add_argument("--max_rounds", type=int, default=10, help="more rounds while a minimum still falls by > 2 %%")
+    p.add_argument("--pin", type=int, default=1, help="1: the measuring thread stays on one CPU")
     p.add_argument("--model_runs", type=int, default=4, help="timed runs per whole model and round (at least)")
     p.add_argument("--model_time", type=float, default=0.05, help="measured seconds per whole model and round")
     p.add_argument("--model_batch", type=int, default=8, help="whole models built, then timed together")
@@ -159,7 +161,7 @@ def main(args):
     # ---------------------------------------------------------------- blocks and whole models
     table = os.path.join(args.output_dir, f"{args.platform}.json")
     pred = LatencyPredictor(args.platform, table, runs=args.min_runs, min_time=args.min_time, stat="min")
-    pred.mc.rounds = args.rounds
+    pred.mc.rounds, pred.mc.max_rounds, pred.mc.pin = args.rounds, args.max_rounds, bool(args.pin)
     mc = pred.mc
     state = State(os.path.join(args.output_dir, f"models_{args.platform}.json"))
     n_before = len(pred.table)

@@ -343,3 +343,48 @@ def test_stitched_whole_model_matches_quantized_whole_model(tmp_path):
         ops.append(collections.Counter(n.op_type for n in optimized_graph(path).node))
         assert measure_model_file(path, "ort_int8", min_runs=2, min_time=0.0, warmup=1)["min"] > 0
     assert ops[0] == ops[1]
+
+
+def test_warm_up_runs_until_the_times_stop_falling():
+    from modules.latency.timing import _warm_up
+
+    def clock(times):
+        """A fake clock: call i of fn takes times[i] (two readings per call)."""
+        it = iter(t for x in times for t in (0.0, x))
+        return lambda: next(it)
+
+    falling = [10, 8, 6, 5, 4, 3, 2.5, 2, 2, 2, 2, 2, 2]  # a cold start: flat from call 8, three flat calls more
+    assert _warm_up(lambda: None, clock(falling), warmup=3, warmup_time=0.0) == 11
+    flat = [2.0] * 20
+    assert _warm_up(lambda: None, clock(flat), warmup=3, warmup_time=0.0) == 4
+    ever_faster = [0.9 ** i for i in range(60)]  # never warm: capped
+    assert _warm_up(lambda: None, clock(ever_faster), warmup=3, warmup_time=0.0, max_calls=50) == 50
+
+
+def test_rounds_continue_while_the_minimum_falls(monkeypatch):
+    from modules.latency import timing
+
+    mins = {"steady": iter([5.0] * 20), "settling": iter([9.0, 8.0, 7.0, 6.0, 5.0, 5.0, 5.0, 5.0])}
+
+    def fake(fn, *a, **k):
+        m = next(mins[fn])
+        return {"min": m, "times": [m]}
+
+    monkeypatch.setattr(timing, "time_callable", fake)
+    out = timing.time_rounds({"steady": "steady", "settling": "settling"}, rounds=2, max_rounds=10, tol=0.02)
+    assert out["steady"]["round_min"] == [5.0, 5.0]  # stable after the two rounds asked for
+    assert out["settling"]["round_min"] == [9.0, 8.0, 7.0, 6.0, 5.0, 5.0]  # until a round no longer lowers it
+    assert out["settling"]["min"] == 5.0
+
+
+def test_pinning_holds_one_cpu_and_is_undone():
+    import os
+
+    from modules.latency import timing
+
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs Linux CPU affinity and two CPUs")
+    before = os.sched_getaffinity(0)
+    with timing.pinned(True):
+        inside = os.sched_getaffinity(0)
+    assert len(inside) == 1 and inside <= before and os.sched_getaffinity(0) == before

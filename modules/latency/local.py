@@ -108,7 +108,8 @@ def measure_config_batch(models: dict, platform: str, mc: MeasureConfig | None =
     mc = mc or MeasureConfig()
     fns = {k: session_runner(ort_session(subnet_model_bytes(cfgs, platform, mc.quant_format), mc.threads))
            for k, cfgs in models.items()}
-    return time_rounds(fns, mc.rounds, min_runs, mc.max_runs, min_time, warmup, mc.clock, seed)
+    return time_rounds(fns, mc.rounds, min_runs, mc.max_runs, min_time, warmup, mc.clock, seed,
+                       max_rounds=mc.max_rounds, tol=mc.stable_tol, pin=mc.pin)
 
 
 def device_info() -> dict:
