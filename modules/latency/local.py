@@ -3,7 +3,6 @@ on this machine. Device runners (adb, ssh: `modules.latency.remote`) offer the s
 """
 from __future__ import annotations
 
-import platform as _platform
 import tempfile
 
 import numpy as np
@@ -11,7 +10,7 @@ import numpy as np
 from modules.latency.keys import MEASURED_PLATFORMS, ORT_PLATFORMS, block_key
 from modules.latency.models import (block_model_bytes, block_tflite, export_subnet, overhead_model_bytes,
                                     overhead_tflite, subnet_model_bytes, torch_block_bytes)
-from modules.latency.sessions import ort_session, session_runner, tflite_runner
+from modules.latency.sessions import device_info, ort_session, session_runner, tflite_runner
 from modules.latency.timing import MeasureConfig, time_rounds
 
 
@@ -112,24 +111,6 @@ def measure_config_batch(models: dict, platform: str, mc: MeasureConfig | None =
                        max_rounds=mc.max_rounds, tol=mc.stable_tol, pin=mc.pin)
 
 
-def device_info() -> dict:
-    """This machine: CPU model name, architecture, ONNX Runtime version."""
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    info = {"cpu": cpu or _platform.processor(), "machine": _platform.machine()}
-    try:
-        import onnxruntime
-
-        info["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-    return info
-
-
 class LocalRunner:
     """Times blocks and whole models in this process. A batch of blocks is built, then timed together in
     shuffled rounds (:meth:`MeasureConfig.time_many`)."""
@@ -139,9 +120,12 @@ class LocalRunner:
 
     def __init__(self, workdir: str | None = None):
         self.workdir = workdir
+        self._described: dict | None = None
 
     def describe(self) -> dict:
-        return dict(device_info(), runner=self.kind)
+        if self._described is None:
+            self._described = dict(device_info(), runner=self.kind)
+        return self._described
 
     def overhead(self, platform: str, mc: MeasureConfig) -> float:
         return measure_overhead(platform, mc)

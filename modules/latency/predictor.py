@@ -19,7 +19,8 @@ import numpy as np
 
 from modules.latency.graph import block_mmacs
 from modules.latency.keys import MEASURED_PLATFORMS, PLATFORMS, block_key, parse_block_key
-from modules.latency.local import LocalRunner, device_info
+from modules.latency.local import LocalRunner
+from modules.latency.sessions import device_info
 from modules.latency.regression import BlockRegressor
 from modules.latency.sampling import subnet_block_configs
 from modules.latency.timing import MeasureConfig
@@ -170,18 +171,25 @@ class LatencyPredictor:
         """Time the standalone models of `cfgs` with the runner and store them."""
         if self.platform not in MEASURED_PLATFORMS:
             raise ValueError(f"platform {self.platform!r} is not measured")
+        self.check_runner()
         overhead = self.ensure_overhead()
         stats = self.runner.time_blocks(cfgs, self.platform, self.mc, seed=len(self.table))
-        for key, ms in stats.items():
-            self.raw[key] = ms
-            self.table[key] = max(ms - overhead, 0.0)
-        self._regressor = None
-        self._cache.clear()  # regression predictions may change with the new entries
-        self._subnet_cache.clear()
+        self.add_entries({k: max(ms - overhead, 0.0) for k, ms in stats.items()}, stats)
         self.stats["measured"] += len(stats)
         self._unsaved += len(stats)
         if self._unsaved >= _SAVE_EVERY:
             self.save()
+
+    def add_entries(self, latencies: dict[str, float], raw: dict[str, float] | None = None) -> None:
+        """Store block latencies (ms inside a network; `raw`: the standalone times they come from, default the
+        same) in the table (saved by :meth:`save`)."""
+        for k in latencies:
+            parse_block_key(k)
+        self.table.update(latencies)
+        self.raw.update(latencies if raw is None else raw)
+        self._regressor = None
+        self._cache.clear()  # regression predictions may change with the new entries
+        self._subnet_cache.clear()
 
     # ------------------------------------------------------------------ prediction
     def regressor(self) -> BlockRegressor:

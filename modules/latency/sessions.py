@@ -113,3 +113,21 @@ def tflite_runner(path, threads: int = 1, use_xnnpack: bool = True):
     for d in it.get_input_details():
         it.set_tensor(d["index"], random_input(tuple(d["shape"]), d["dtype"], rng))
     return it.invoke
+
+
+def device_info() -> dict:
+    """This machine: CPU model name, architecture, ONNX Runtime version."""
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    info = {"cpu": cpu or platform.processor(), "machine": platform.machine()}
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return info
