@@ -72,6 +72,11 @@ def get_args_parser():
     p.add_argument("--torch_check", type=int, default=3, help="test models also timed via the torch export")
     p.add_argument("--ablation", type=int, default=10, help="test subnets whose blocks are also timed standalone")
     p.add_argument("--output_dir", default="./checkpoints/bench_latency")
+    p.add_argument("--device_runner", default="local", choices=("local", "ssh"),
+                   help="ssh: blocks and whole models timed on --ssh_host by modules.latency.remote_timer")
+    p.add_argument("--ssh_host", default=None)
+    p.add_argument("--remote_python", default=None, help="python on the ssh host (default python3)")
+    p.add_argument("--remote_dir", default=None, help="working directory on the ssh host")
     p.add_argument("--no_progress", action="store_true")
     return p
 
@@ -137,6 +142,7 @@ def main(args):
     from modules.latency.keys import block_key, parse_block_key
     from modules.latency.local import measure_block_stats, measure_config_batch
     from modules.latency.predictor import LatencyPredictor
+    from modules.latency.remote import make_runner
     from modules.latency.regression import BlockRegressor
     from modules.latency.sampling import fixed_block_configs, random_subnet, random_supernet, subnet_block_configs
     from modules.latency.timing import time_rounds
@@ -160,7 +166,10 @@ def main(args):
     cfgs = {m: subnet_block_configs(*m) for m in test + calib + train}
     # ---------------------------------------------------------------- blocks and whole models
     table = os.path.join(args.output_dir, f"{args.platform}.json")
-    pred = LatencyPredictor(args.platform, table, runs=args.min_runs, min_time=args.min_time, stat="min")
+    runner = make_runner(args.device_runner, host=args.ssh_host, python=args.remote_python,
+                         remote_dir=args.remote_dir) if args.device_runner != "local" else None
+    pred = LatencyPredictor(args.platform, table, runs=args.min_runs, min_time=args.min_time, stat="min",
+                            runner=runner)
     pred.mc.rounds, pred.mc.max_rounds, pred.mc.pin = args.rounds, args.max_rounds, bool(args.pin)
     mc = pred.mc
     state = State(os.path.join(args.output_dir, f"models_{args.platform}.json"))
@@ -180,7 +189,9 @@ def main(args):
         todo = [m for m in models if state.get(f"{tag}|{m[0]}|{m[1]}") is None]
         for i in range(0, len(todo), args.model_batch):
             chunk = todo[i:i + args.model_batch]
-            if args.exporter == "direct":
+            if runner is not None:  # the device's own whole-model settings (those of the local runner)
+                stats = runner.time_models(chunk, args.platform, mc, args.exporter, seed=hash((tag, i)) % 1000)
+            elif args.exporter == "direct":
                 stats = measure_config_batch({m: cfgs[m] for m in chunk}, args.platform, mc, args.model_runs,
                                              args.model_time, seed=hash((tag, i)) % 1000)
             else:

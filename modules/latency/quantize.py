@@ -41,6 +41,7 @@ def quantize_block_onnx(model, fmt: str = "qdq", reduce_range: bool | None = Non
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     from modules.export import auto_reduce_range
+    from modules.onnx_int8 import fold_scale_muls, int8_friendly_activations
 
     formats = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
     if fmt not in formats:
@@ -51,8 +52,8 @@ def quantize_block_onnx(model, fmt: str = "qdq", reduce_range: bool | None = Non
     old = root.level
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         src, dst, cache = (os.path.join(tmp, n) for n in ("b.onnx", "b_int8.onnx", "calib.json"))
-        onnx.save(model, src)
-        _fake_calibration_cache(model, cache)
+        onnx.save(int8_friendly_activations(onnx.load_from_string(model.SerializeToString())), src)
+        _fake_calibration_cache(onnx.load(src), cache)
         root.setLevel(logging.ERROR)  # "please pre-process" nag
         try:
             quantize_static(src, dst, None, quant_format=formats[fmt], per_channel=per_channel == "ort",
@@ -62,6 +63,7 @@ def quantize_block_onnx(model, fmt: str = "qdq", reduce_range: bool | None = Non
         finally:
             root.setLevel(old)
         q = onnx.load(dst)
+    fold_scale_muls(q)
     if per_channel == "expand":
         _expand_per_channel(q)
     return q
@@ -170,6 +172,20 @@ def nhwc_boundaries(model) -> None:
         out.CopyFrom(helper.make_tensor_value_info(out.name, TensorProto.UINT8, [n_, h, w, c]))
 
 
+def _first_qparams(graph) -> tuple[float, int]:
+    """(scale, zero point) of a graph's first QuantizeLinear: a float-input block (Logits: Flatten first)
+    dequantized with them runs its layout op on uint8, as inside the quantized network (DQ and Q alike)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in graph.initializer}
+    q = next((n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[1] in inits
+              and len(n.input) > 2 and n.input[2] in inits), None)
+    if q is None:
+        return 1 / 32, 128
+    return (float(numpy_helper.to_array(inits[q.input[1]]).reshape(-1)[0]),
+            int(numpy_helper.to_array(inits[q.input[2]]).reshape(-1)[0]))
+
+
 def stitch_blocks(models: list) -> "onnx.ModelProto":
     """Chain block models into one network (names prefixed per block). Where one block's output type differs
     from the next block's input type, a QuantizeLinear (float -> uint8) or DequantizeLinear is inserted.
@@ -195,8 +211,9 @@ def stitch_blocks(models: list) -> "onnx.ModelProto":
             if prev_type != in_type:
                 op = "QuantizeLinear" if in_type == TensorProto.UINT8 else "DequantizeLinear"
                 sc, zp = f"{pre}boundary_scale", f"{pre}boundary_zp"
-                inits += [numpy_helper.from_array(np.array(1 / 32, np.float32), sc),
-                          numpy_helper.from_array(np.array(128, np.uint8), zp)]
+                scale, zero = _first_qparams(g) if op == "DequantizeLinear" else (1 / 32, 128)
+                inits += [numpy_helper.from_array(np.array(scale, np.float32), sc),
+                          numpy_helper.from_array(np.array(zero, np.uint8), zp)]
                 nodes.append(helper.make_node(op, [prev, sc, zp], [f"{pre}boundary"], name=f"{pre}boundary"))
                 src = f"{pre}boundary"
 
