@@ -122,13 +122,14 @@ class _DeviceRunner:
                     seed: int = 0) -> dict[tuple[str, str], dict]:
         """{(supernet, subnet): timing statistics (ms)} of whole subnets timed on the device."""
         self._check_platform(platform)
-        out = {}
+        self._ensure_ready()
+        remotes, whats = {}, {}
         with tempfile.TemporaryDirectory(dir=self.workdir) as tmp:
             for i, m in enumerate(models):
                 path = write_subnet_model(m, platform, tmp, f"m{seed}_{i}", mc.quant_format, exporter)
-                out[m] = self._time_file(path, f"timing subnet {m[0]} {m[1]}", platform, mc, "model")
+                remotes[m], whats[m] = self._push(path), f"timing subnet {m[0]} {m[1]}"
                 path.unlink()
-        return out
+        return self._time_many(remotes, whats, platform, mc, "model")
 
 
 def parse_benchmark_model(text: str, what: str) -> float:
