@@ -207,3 +207,15 @@ def test_import_csv(tmp_path):
         with pytest.raises(ValueError, match=msg):
             build_latency_table.main(build_latency_table.get_args_parser().parse_args(
                 argv[:-3] + ["--import_csv", str(bad), "--output_dir", str(tmp_path / "bad")]))
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--device_runner", "ssh"], "--device_runner ssh needs --ssh_host"),
+    (["--device_runner", "adb"], "--device_runner adb times LiteRT models with benchmark_model: use --platform"),
+    (["--device_runner", "adb", "--platform", "tflite_int8", "--stat", "min"], "benchmark_model reports the mean"),
+])
+def test_runner_arguments_are_checked(tmp_path, extra, msg):
+    argv = ["--superspace", "tiny", "--output_dir", str(tmp_path), "--no_progress"] + extra
+    with pytest.raises(ValueError, match=msg):
+        build_latency_table.main(build_latency_table.get_args_parser().parse_args(argv))
+    assert not (tmp_path / "latency").exists()

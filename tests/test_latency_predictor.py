@@ -346,7 +346,7 @@ def test_stitched_whole_model_matches_quantized_whole_model(tmp_path):
 
 
 def test_warm_up_runs_until_the_times_stop_falling():
-    from modules.latency.timing import _warm_up
+    from modules.latency.timing import warm_up
 
     def clock(times):
         """A fake clock: call i of fn takes times[i] (two readings per call)."""
@@ -354,11 +354,11 @@ def test_warm_up_runs_until_the_times_stop_falling():
         return lambda: next(it)
 
     falling = [10, 8, 6, 5, 4, 3, 2.5, 2, 2, 2, 2, 2, 2]  # a cold start: flat from call 8, three flat calls more
-    assert _warm_up(lambda: None, clock(falling), warmup=3, warmup_time=0.0) == 11
+    assert warm_up(lambda: None, clock(falling), warmup=3, warmup_time=0.0) == 11
     flat = [2.0] * 20
-    assert _warm_up(lambda: None, clock(flat), warmup=3, warmup_time=0.0) == 4
+    assert warm_up(lambda: None, clock(flat), warmup=3, warmup_time=0.0) == 4
     ever_faster = [0.9 ** i for i in range(60)]  # never warm: capped
-    assert _warm_up(lambda: None, clock(ever_faster), warmup=3, warmup_time=0.0, max_calls=50) == 50
+    assert warm_up(lambda: None, clock(ever_faster), warmup=3, warmup_time=0.0, max_calls=50) == 50
 
 
 def test_rounds_continue_while_the_minimum_falls(monkeypatch):

@@ -15,7 +15,7 @@ CLOCKS = ("cpu", "wall")
 STATS = ("median", "p20", "min", "mean")
 
 
-def _warm_up(fn, now, warmup: int, warmup_time: float, tol: float = 0.05, max_calls: int = 50) -> int:
+def warm_up(fn, now, warmup: int, warmup_time: float, tol: float = 0.05, max_calls: int = 50) -> int:
     """Call `fn` until warm: at least `warmup` calls and `warmup_time` s, then until the last three calls no
     longer beat the earlier calls' minimum by more than `tol` (first runs fill caches, page in weights and let
     the runtime pick its kernels; a fixed count is either too short for big models or wasted on small ones).
@@ -35,7 +35,7 @@ def _warm_up(fn, now, warmup: int, warmup_time: float, tol: float = 0.05, max_ca
 
 def time_callable(fn, min_runs: int = 15, max_runs: int = 300, min_time: float = 0.04, warmup: int = 3,
                   warmup_time: float = 0.01, clock: str = "cpu") -> dict:
-    """Timing statistics (ms: median, p20, min, mean, std; runs) of `fn()`: warm-up (:func:`_warm_up`: at
+    """Timing statistics (ms: median, p20, min, mean, std; runs) of `fn()`: warm-up (:func:`warm_up`: at
     least `warmup` calls and `warmup_time` s, until the times stop falling), then calls until at least
     `min_runs` runs and `min_time` s of measured time (at most `max_runs`).
 
@@ -46,7 +46,7 @@ def time_callable(fn, min_runs: int = 15, max_runs: int = 300, min_time: float =
     if clock not in CLOCKS:
         raise ValueError(f"clock {clock!r}: use one of {CLOCKS}")
     now = time.thread_time if clock == "cpu" else time.perf_counter
-    _warm_up(fn, now, warmup, warmup_time)
+    warm_up(fn, now, warmup, warmup_time)
     times, total = [], 0.0
     while len(times) < max_runs and (len(times) < min_runs or total < min_time):
         t0 = now()
