@@ -89,6 +89,9 @@ def get_args_parser():
     p.add_argument("--exporter", default="direct", choices=("direct", "torch"),
                    help="how whole calibration models are built (ORT platforms)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--estimate", default="smoothed", choices=("table", "smoothed"),
+                   help="the table's default block estimate: its measurement, or the out-of-fold regression "
+                        "prediction, which averages away single-measurement noise (both get a correction)")
     p.add_argument("--device_runner", default="local", choices=RUNNERS, help="where the models are timed")
     p.add_argument("--serial", default=None, help="adb: the device serial (default: adb's only device)")
     p.add_argument("--adb", default=None, help="adb: the adb binary (default: adb on PATH)")
@@ -198,18 +201,22 @@ def sample_models(args) -> tuple[list, list, list]:
 
 
 def fit_correction(pred, calib, args) -> None:
+    """Measure the calibration subnets and fit the correction of each estimate (the table's default last)."""
+    from modules.latency.predictor import ESTIMATES
     from modules.latency.sampling import subnet_block_configs
 
     models = measure_calibration(pred, calib, args.superspace, progress=not args.no_progress, exporter=args.exporter)
     cfgs = [subnet_block_configs(m["supernet"], m["subnet"]) for m in models]
     y = [m["measured_ms"] for m in models]
-    a, b = pred.calibrate(cfgs, y, models=models, superspace=args.superspace)
-    errs = [pred.predict_blocks(c) / t - 1 for c, t in zip(cfgs, y)]
-    within = sum(abs(e) <= 0.10 for e in errs) / len(errs)
-    rms = math.sqrt(sum(e * e for e in errs) / len(errs))
-    log.info("correction for %s: latency = %.3f * sum(blocks) + %.4f ms; on the %d calibration models: "
-             "%.0f %% within +-10 %%, RMS relative error %.1f %%", args.superspace, a, b, len(y), 100 * within,
-             100 * rms)
+    for estimate in sorted(ESTIMATES, key=lambda e: e == args.estimate):
+        pred.set_estimate(estimate)
+        a, b = pred.calibrate(cfgs, y, models=models, superspace=args.superspace)
+        errs = [pred.predict_blocks(c) / t - 1 for c, t in zip(cfgs, y)]
+        within = sum(abs(e) <= 0.10 for e in errs) / len(errs)
+        rms = math.sqrt(sum(e * e for e in errs) / len(errs))
+        log.info("correction for %s (%s blocks): latency = %.3f * sum(blocks) + %.4f ms; on the %d calibration "
+                 "models: %.0f %% within +-10 %%, RMS relative error %.1f %%", args.superspace, estimate, a, b, len(y),
+                 100 * within, 100 * rms)
 
 
 def main(args):
@@ -234,6 +241,8 @@ def main(args):
     log.info("%s %s on %s: %d subnets (+%d for calibration), table %s (%d blocks already measured)",
              args.superspace, args.platform, args.device_runner, len(subnets), len(calib), path, resumed)
     new = pred.build(lists, desc=f"{args.platform} blocks", progress=not args.no_progress)
+    pred.smooth()
+    pred.set_estimate(args.estimate)
     log.info("measured %d new blocks (session overhead %.4f ms subtracted from each) in %.0f s", new,
              pred.overhead_ms, time.time() - t0)
     if calib:

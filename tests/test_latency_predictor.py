@@ -388,3 +388,33 @@ def test_pinning_holds_one_cpu_and_is_undone():
     with timing.pinned(True):
         inside = os.sched_getaffinity(0)
     assert len(inside) == 1 and inside <= before and os.sched_getaffinity(0) == before
+
+
+def test_smoothed_estimate_averages_block_noise_and_has_its_own_correction(tmp_path):
+    """Noisy block entries of a made-up linear cost: the out-of-fold regression estimate is closer to the
+    truth than the entries themselves; each estimate keeps its own correction through save and load."""
+    rng = random.Random(3)
+    cfgs = {}
+    for _ in range(40):
+        choice = random_supernet("tiny", rng)
+        for c in subnet_block_configs(choice, random_subnet(choice, rng, rng.choice([32, 48, 64]))):
+            cfgs[block_key(c)] = c
+    truth = {k: float(block_features(c) @ np.linspace(1e-6, 2e-6, len(FEATURES))) + 0.01 for k, c in cfgs.items()}
+    noise = np.random.default_rng(0).normal(1.0, 0.15, len(truth))
+    pred = LatencyPredictor("ort_int8", str(tmp_path / "ort_int8.json"), superspace="tiny")
+    pred.add_entries({k: v * n for (k, v), n in zip(truth.items(), noise)})
+    pred.smooth()
+    err_table = np.mean([abs(pred.table[k] / truth[k] - 1) for k in truth])
+    err_smooth = np.mean([abs(pred.smoothed[k] / truth[k] - 1) for k in truth])
+    assert err_smooth < err_table
+    some = list(cfgs.values())[:10]
+    pred.calibrate([some, some[:5]], [2.0, 1.0])  # table estimate
+    pred.set_estimate("smoothed")
+    assert pred.correction == (1.0, 0.0) and pred.blocks_sum(some) == pytest.approx(
+        sum(pred.smoothed[block_key(c)] for c in some))
+    pred.calibrate([some, some[:5]], [2.0, 1.0])
+    again = load_predictor("ort_int8", "tiny", str(tmp_path))
+    assert again.estimate == "smoothed" and again.smoothed == pytest.approx(pred.smoothed)
+    assert again.predict_blocks(some) == pytest.approx(2.0, rel=1e-6)
+    table = load_predictor("ort_int8", "tiny", str(tmp_path), estimate="table")
+    assert table.predict_blocks(some) == pytest.approx(2.0, rel=1e-6) and table.correction != again.correction

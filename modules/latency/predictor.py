@@ -21,11 +21,12 @@ from modules.latency.graph import block_mmacs
 from modules.latency.keys import MEASURED_PLATFORMS, PLATFORMS, block_key, parse_block_key
 from modules.latency.local import LocalRunner
 from modules.latency.sessions import device_info
-from modules.latency.regression import BlockRegressor
+from modules.latency.regression import BlockRegressor, cross_fitted
 from modules.latency.sampling import subnet_block_configs
 from modules.latency.timing import MeasureConfig
 
 TABLE_VERSION = 2
+ESTIMATES = ("table", "smoothed")
 DEFAULT_TABLE_DIR = os.path.join("checkpoints", "latency")
 BUILD_HINT = "build it with: python build_latency_table.py --superspace <name> --platform {platform} --output_dir <dir>"
 _SAVE_EVERY = 25  # table entries between atomic saves while measuring on demand
@@ -36,17 +37,26 @@ class LatencyPredictor:
 
     Table file (JSON, atomic writes): ``platform``, ``threads``, ``overhead_ms`` (session-call overhead,
     already subtracted from every entry), ``blocks`` {block key: ms inside a network}, ``corrections``
-    {superspace or "*": [a, b]}, ``calibration`` (the whole models behind the corrections), ``device``.
+    {superspace or "*" (+ "@smoothed"): [a, b]}, ``calibration`` (the whole models behind the corrections),
+    ``device``, ``smoothed`` and ``estimate`` (below).
+
+    ``estimate``: what a block in the table counts for. ``"table"``: its measurement. ``"smoothed"``: its
+    out-of-fold regression prediction (:func:`regression.cross_fitted`, stored as ``smoothed`` by
+    :meth:`smooth`), which averages away the noise of single block measurements on a busy machine. Each
+    estimate has its own correction; blocks outside the table use the regression either way.
     """
 
     def __init__(self, platform: str, table_path: str | None = None, threads: int | None = None,
                  warmup: int = 3, runs: int = 15, measure_missing: bool = False, superspace: str | None = None,
                  fallback: str = "regression", min_time: float = 0.04, quant_format: str | None = None,
-                 clock: str | None = None, stat: str | None = None, workdir: str | None = None, runner=None):
+                 clock: str | None = None, stat: str | None = None, workdir: str | None = None, runner=None,
+                 estimate: str | None = None):
         if platform not in PLATFORMS:
             raise ValueError(f"latency platform {platform!r}; allowed: {', '.join(PLATFORMS)}")
         if fallback not in ("regression", "error"):
             raise ValueError(f"fallback {fallback!r}: use 'regression' or 'error'")
+        if estimate not in (None,) + ESTIMATES:
+            raise ValueError(f"estimate {estimate!r}: use one of {', '.join(ESTIMATES)}")
         self.platform, self.superspace = platform, superspace
         # measurement settings: explicit argument > the table's > default; explicit vs table conflict = error
         self._explicit = {k: v for k, v in dict(threads=threads, quant_format=quant_format, clock=clock,
@@ -62,6 +72,9 @@ class LatencyPredictor:
         self.corrections: dict[str, tuple[float, float]] = {}
         self.calibration: list[dict] = []
         self.device: dict = {}
+        self.smoothed: dict[str, float] = {}
+        self._explicit_estimate = estimate
+        self.estimate = estimate or "table"
         self._cache: dict[tuple, float] = {}  # block configuration -> latency (table or regression)
         self._subnet_cache: dict[tuple, float] = {}  # (supernet, subnet, classes) -> block sum
         self._regressor: BlockRegressor | None = None
@@ -75,14 +88,18 @@ class LatencyPredictor:
         return self.mc.threads
 
     # ------------------------------------------------------------------ correction
+    def _correction_key(self, superspace: str | None) -> str:
+        return (superspace or "*") + ("@smoothed" if self.estimate == "smoothed" else "")
+
     @property
     def correction(self) -> tuple[float, float]:
-        """(a, b) for this predictor's superspace (else the generic "*" fit, else (1, 0))."""
-        return self.corrections.get(self.superspace or "*", self.corrections.get("*", (1.0, 0.0)))
+        """(a, b) for this predictor's superspace and estimate (else the generic "*" fit, else (1, 0))."""
+        return self.corrections.get(self._correction_key(self.superspace),
+                                    self.corrections.get(self._correction_key(None), (1.0, 0.0)))
 
     @correction.setter
     def correction(self, ab) -> None:
-        self.corrections[self.superspace or "*"] = (float(ab[0]), float(ab[1]))
+        self.corrections[self._correction_key(self.superspace)] = (float(ab[0]), float(ab[1]))
 
     # ------------------------------------------------------------------ table I/O
     def _load(self) -> None:
@@ -102,6 +119,10 @@ class LatencyPredictor:
             overhead = data.get("overhead_ms")
             overhead = None if overhead is None else float(overhead)
             calibration = list(data.get("calibration", []))
+            smoothed = {str(k): float(v) for k, v in data.get("smoothed", {}).items()}
+            estimate = str(data.get("estimate", "table"))
+            if estimate not in ESTIMATES:
+                raise ValueError(f"estimate {estimate!r}")
             settings = {"threads": int(data.get("threads", 1)), "quant_format": str(data.get("quant_format", "qdq")),
                         "clock": str(data.get("clock", "wall")), "stat": str(data.get("stat", "median"))}
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
@@ -120,6 +141,7 @@ class LatencyPredictor:
             raise ValueError(f"latency table {path}: {e}") from None
         self.table, self.raw, self.corrections, self.overhead_ms = blocks, raw, corrections, overhead
         self.calibration, self.device = calibration, dict(data.get("device", {}))
+        self.smoothed, self.estimate = smoothed, self._explicit_estimate or estimate
         here = device_info().get("cpu")
         local = self.device.get("runner", "local") == "local"
         if local and self.device.get("cpu") and here and self.device["cpu"] != here:
@@ -136,7 +158,8 @@ class LatencyPredictor:
                 "device": self.device or self.runner.describe(),
                 "overhead_ms": self.overhead_ms,
                 "corrections": {k: list(v) for k, v in sorted(self.corrections.items())},
-                "calibration": self.calibration,
+                "calibration": self.calibration, "estimate": self.estimate,
+                "smoothed": dict(sorted(self.smoothed.items())),
                 "blocks": dict(sorted(self.table.items())), "raw": dict(sorted(self.raw.items()))}
         atomic_write_text(self.table_path, json.dumps(data, indent=0))
         self._unsaved = 0
@@ -180,6 +203,22 @@ class LatencyPredictor:
         if self._unsaved >= _SAVE_EVERY:
             self.save()
 
+    def smooth(self) -> None:
+        """Compute the ``smoothed`` estimate of every table entry (:func:`regression.cross_fitted`)."""
+        keys = sorted(self.table)
+        vals = cross_fitted([parse_block_key(k) for k in keys], [self.table[k] for k in keys])
+        self.smoothed = {k: float(v) for k, v in zip(keys, vals)}
+        self._cache.clear()
+        self._subnet_cache.clear()
+
+    def set_estimate(self, estimate: str) -> None:
+        """Use `estimate` for table blocks from now on (and its correction)."""
+        if estimate not in ESTIMATES:
+            raise ValueError(f"estimate {estimate!r}: use one of {', '.join(ESTIMATES)}")
+        self.estimate = estimate
+        self._cache.clear()
+        self._subnet_cache.clear()
+
     def add_entries(self, latencies: dict[str, float], raw: dict[str, float] | None = None) -> None:
         """Store block latencies (ms inside a network; `raw`: the standalone times they come from, default the
         same) in the table (saved by :meth:`save`)."""
@@ -218,6 +257,8 @@ class LatencyPredictor:
         key = block_key(cfg)
         if key in self.table:
             self.stats["table"] += 1
+            if self.estimate == "smoothed" and key in self.smoothed:
+                return self.smoothed[key]
             return self.table[key]
         if self.measure_missing:
             return self.measure(cfg)
@@ -321,14 +362,14 @@ class LatencyPredictor:
         else:
             a, b = np.polyfit(sums, y, 1, w=1.0 / np.maximum(y, 1e-9))
         key = superspace or self.superspace or "*"
-        self.corrections[key] = (float(a), float(b))
-        if "*" not in self.corrections:
-            self.corrections["*"] = (float(a), float(b))
+        self.corrections[self._correction_key(key)] = (float(a), float(b))
+        if self._correction_key(None) not in self.corrections:
+            self.corrections[self._correction_key(None)] = (float(a), float(b))
         if models is not None:
             self.calibration = [m for m in self.calibration if m.get("superspace") != key] + \
                                [dict(m, superspace=key) for m in models]
         self.save()
-        return self.corrections[key]
+        return self.corrections[self._correction_key(key)]
 
 
 def table_path(platform: str, table_dir: str | os.PathLike | None = None) -> Path:
