@@ -219,3 +219,22 @@ def test_runner_arguments_are_checked(tmp_path, extra, msg):
     with pytest.raises(ValueError, match=msg):
         build_latency_table.main(build_latency_table.get_args_parser().parse_args(argv))
     assert not (tmp_path / "latency").exists()
+
+
+def test_block_report_reads_tables_whatever_filled_them(tmp_path):
+    """The per-block FP32-vs-INT8 report from two imported tables (a device's timings): the ratios are the
+    tables', and the INT8 graphs have no float ops."""
+    from bench import block_report
+
+    cfgs = [c for _, c in block_report.typical_blocks("tiny", 32)]
+    for platform, ms in (("ort_fp32", 0.2), ("ort_int8", 0.1)):
+        csv_path = tmp_path / f"{platform}.csv"
+        csv_path.write_text("block,latency_ms\n" + "".join(f"{k},{ms}\n" for k in sorted({block_key(c) for c in cfgs})))
+        build_latency_table.main(build_latency_table.get_args_parser().parse_args(
+            ["--superspace", "tiny", "--platform", platform, "--output_dir", str(tmp_path), "--import_csv",
+             str(csv_path)]))
+    args = block_report.get_args_parser().parse_args(["--superspace", "tiny", "--resolution", "32", "--table_dir",
+                                                      str(tmp_path / "latency"), "--output_dir", str(tmp_path)])
+    rows = block_report.main(args)
+    assert len(rows) == len(cfgs) and all(float(r["int8_speedup"]) == pytest.approx(2.0) for r in rows)
+    assert not any(r["float_ops"] for r in rows)
