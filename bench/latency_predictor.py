@@ -62,6 +62,8 @@ def get_args_parser():
     p.add_argument("--rounds", type=int, default=6, help="shuffled timing rounds per block / model and pass")
     p.add_argument("--max_rounds", type=int, default=10, help="more rounds while a minimum still falls by > 2 %%")
     p.add_argument("--pin", type=int, default=1, help="1: the measuring thread stays on one CPU")
+    p.add_argument("--stat", default="min", choices=("min", "median"),
+                   help="statistic of the per-run times, blocks and whole models alike")
     p.add_argument("--model_runs", type=int, default=4, help="timed runs per whole model and round (at least)")
     p.add_argument("--model_time", type=float, default=0.05, help="measured seconds per whole model and round")
     p.add_argument("--model_batch", type=int, default=8, help="whole models built, then timed together")
@@ -168,7 +170,7 @@ def main(args):
     table = os.path.join(args.output_dir, f"{args.platform}.json")
     runner = make_runner(args.device_runner, host=args.ssh_host, python=args.remote_python,
                          remote_dir=args.remote_dir) if args.device_runner != "local" else None
-    pred = LatencyPredictor(args.platform, table, runs=args.min_runs, min_time=args.min_time, stat="min",
+    pred = LatencyPredictor(args.platform, table, runs=args.min_runs, min_time=args.min_time, stat=args.stat,
                             runner=runner)
     pred.mc.rounds, pred.mc.max_rounds, pred.mc.pin = args.rounds, args.max_rounds, bool(args.pin)
     mc = pred.mc
@@ -276,7 +278,7 @@ def main(args):
         return sum(pred.smoothed[block_key(c)] for c in cfgs[m])
 
     rows_out, summary = [], {}
-    stat = "min"
+    stat = args.stat
     cal_meas = [state.get(f"cal|{m[0]}|{m[1]}")[stat] for m in calib]
     a, b = fit_correction([tsum(m) for m in calib], cal_meas)
     p1 = np.array([state.get(f"p1|{m[0]}|{m[1]}")[stat] for m in test])
