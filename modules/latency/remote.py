@@ -9,8 +9,10 @@ to, timed there, and the times come back to fill the same table as the local run
   python (ONNX Runtime, or LiteRT for ``tflite_*``; the same timing code as the local runner). Files go over
   the ssh connection itself (``cat > file``), so only ``ssh`` is needed.
 
-Both measure one model per device call and the predictor saves the table after each: a device that
-disconnects mid-table loses at most the block it was timing, and a rerun continues from there.
+The adb runner times one block per device call, the ssh runner a batch of up to 8 (timed together in
+shuffled rounds, as locally); the predictor saves the table after each call's blocks, so a device that
+disconnects mid-table loses at most the blocks it was timing, and a rerun continues from there. Times come
+back on the device command's standard output (nothing is left to pull).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ class DeviceError(ValueError):
 
 
 class _DeviceRunner:
-    """What both device runners share: writing the model files, one device call per model, parsing."""
+    """What both device runners share: writing the model files, pushing them, device calls, errors."""
 
     kind = "device"
     batch_size = 1  # one block per device call, the table saved after each
