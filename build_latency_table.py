@@ -89,9 +89,10 @@ def get_args_parser():
     p.add_argument("--exporter", default="direct", choices=("direct", "torch"),
                    help="how whole calibration models are built (ORT platforms)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--estimate", default="smoothed", choices=("table", "smoothed"),
-                   help="the table's default block estimate: its measurement, or the out-of-fold regression "
-                        "prediction, which averages away single-measurement noise (both get a correction)")
+    p.add_argument("--estimate", default="table", choices=("table", "smoothed"),
+                   help="the table's default block estimate: its measurement, or its out-of-fold regression "
+                        "prediction (averages away single-measurement noise; better on some noisy runs, worse on "
+                        "others, see README); both get a correction")
     p.add_argument("--device_runner", default="local", choices=RUNNERS, help="where the models are timed")
     p.add_argument("--serial", default=None, help="adb: the device serial (default: adb's only device)")
     p.add_argument("--adb", default=None, help="adb: the adb binary (default: adb on PATH)")
