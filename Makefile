@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_ARGS ?=
 
-.PHONY: venv test demo clean distclean
+.PHONY: venv test demo gpu-smoke clean distclean
 
 venv: $(STAMP)
 
@@ -21,6 +21,10 @@ test: venv
 
 demo: venv
 	$(PY) run_demo.py $(DEMO_ARGS)
+
+# A few steps of each multi-rank stage on 1 and 2 CUDA GPUs (time per step, peak memory); no GPU: says so.
+gpu-smoke: venv
+	PYTHON=$(PY) scripts/gpu_smoke.sh
 
 # Python caches only; outputs under ./checkpoints are kept (see distclean).
 clean:

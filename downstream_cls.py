@@ -44,10 +44,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--subnet_ckpt", default=None, help="subnet checkpoint written by export_subnet.py")
     p.add_argument("--subnet_name", default=None,
-                   help="the original's way: a released subnet by name, e.g. SEQnet@vnni-A0 (needs --subnet_ckpt "
-                        "here: export it with export_subnet.py)")
+                   help="the original's way: a released subnet by name, e.g. SEQnet@vnni-A0, extracted from its "
+                        "supernet's checkpoint in <output_dir>/supernet_training/ (lsq.pth; checkpoint.pth with "
+                        "--quant_mode fp32) with BN recalibrated on --imagenet_path")
     p.add_argument("--imagenet_path", default=None,
-                   help="the original's BN-calibration data for --subnet_name (export_subnet.py --data_dir here)")
+                   help="ImageFolder with train/ for the BN calibration of --subnet_name")
+    p.add_argument("--num_calib_batches", type=positive_int, default=32,
+                   help="BN calibration batches for --subnet_name (default: %(default)s, as the original)")
+    p.add_argument("--calib_batch_size", type=positive_int, default=64, help="(default: %(default)s)")
     p.add_argument("--data_dir", default=None, help="ImageFolder root with train/ and the --val_split folder")
     p.add_argument("--dataset", choices=list(DOWNSTREAM_DATASETS), default=None,
                    help="a torchvision set (the original's names) read from --dataset_root, instead of --data_dir; "
@@ -124,13 +128,52 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def build_model(args, num_classes: int):
+def subnet_checkpoint(args) -> Path:
+    """--subnet_ckpt, or the released subnet --subnet_name extracted from its supernet's checkpoint (once, to
+    <output_dir>/subnets/<name>.pth), as the original's downstream script starts."""
+    if (args.subnet_ckpt is None) == (args.subnet_name is None):
+        raise ValueError("give one of --subnet_ckpt (a subnet written by export_subnet.py) or --subnet_name NAME")
+    if args.subnet_ckpt is not None:
+        path = Path(args.subnet_ckpt)
+        if not path.is_file():
+            raise FileNotFoundError(f"--subnet_ckpt {path} does not exist (write one with export_subnet.py)")
+        return path
+    from modules.named_models import get_named_model
+    from modules.original import find_released_checkpoint
+    from modules.subnet_search import build_calib_batches, extract_subnet, load_supernet_checkpoint, save_subnet_checkpoint
+
+    m = get_named_model(args.subnet_name)
+    if m.kind != "subnet":
+        raise ValueError(f"--subnet_name {args.subnet_name} is a supernet; name one of its subnets")
+    path = Path(args.output_dir) / "subnets" / f"{args.subnet_name}.pth"
+    if path.is_file():
+        log.info("%s: using %s", args.subnet_name, path)
+        return path
+    if args.imagenet_path is None:
+        raise ValueError(f"--subnet_name {args.subnet_name} needs --imagenet_path (an ImageFolder with train/) to "
+                         "recalibrate the subnet's BN statistics")
+    try:
+        source = find_released_checkpoint(args.output_dir, m.supernet_name, m.supernet,
+                                          "fp32" if args.quant_mode == "fp32" else "lsq")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--subnet_name {args.subnet_name}: {e} (or give --subnet_ckpt)") from None
+    net, _ = load_supernet_checkpoint(source, m.supernet, args.device, log=log.warning)
+    calib, _, _ = build_calib_batches(args.imagenet_path, m.config.resolution, workers=args.workers,
+                                      num_calib_batches=args.num_calib_batches,
+                                      calib_batch_size=args.calib_batch_size, seed=args.seed)
+    sub, seen = extract_subnet(net, m.config, calib, args.device)
+    save_subnet_checkpoint(sub, path, source_checkpoint=str(source), bn_calibration_images=seen)
+    log.info("%s extracted from %s, BN recalibrated on %d images: %s", args.subnet_name, source, seen, path)
+    return path
+
+
+def build_model(args, num_classes: int, ckpt_path: Path):
     """(model with a new head, quant mode, preset, source checkpoint dict)."""
     from modules.lsq import get_quant_mode, quantizers
     from modules.subnet_search import load_subnet_checkpoint
 
     want = None if args.quant_mode == "auto" else args.quant_mode
-    model, ckpt = load_subnet_checkpoint(args.subnet_ckpt, num_classes=num_classes, new_head=True, quant_mode=want,
+    model, ckpt = load_subnet_checkpoint(ckpt_path, num_classes=num_classes, new_head=True, quant_mode=want,
                                          quant_preset=args.quant_preset, return_ckpt=True)
     mode = get_quant_mode(model)
     preset = quantizers(model)[0].preset if mode == "lsq" else None
@@ -160,15 +203,9 @@ def main(args) -> dict:
     from modules.data import build_loader, set_loader_epoch
     from modules.engine import evaluate_top1, param_groups
 
-    if args.subnet_ckpt is None:
-        raise ValueError(f"--subnet_name {args.subnet_name}: building it from the released supernet checkpoint is "
-                         "not available here yet; export it with export_subnet.py and pass --subnet_ckpt"
-                         if args.subnet_name else "give --subnet_ckpt (a subnet written by export_subnet.py)")
     if (args.data_dir is None) == (args.dataset is None):
         raise ValueError("give one of --data_dir (an ImageFolder) or --dataset (a torchvision set)")
-    ckpt_path = Path(args.subnet_ckpt)
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"--subnet_ckpt {ckpt_path} does not exist (write one with export_subnet.py)")
+    ckpt_path = subnet_checkpoint(args)
     if args.resume and args.fresh:
         raise ValueError("--resume and --fresh exclude each other")
     name = args.name or f"{ckpt_path.stem}_{args.dataset or Path(args.data_dir).resolve().name}"
@@ -180,7 +217,7 @@ def main(args) -> dict:
     device = torch.device(args.device)
 
     num_classes = num_classes_of(args)
-    model, mode, preset, src = build_model(args, num_classes)
+    model, mode, preset, src = build_model(args, num_classes, ckpt_path)
     image_size = args.image_size or model.resolution
     train_ds, val_ds = build_datasets(args, image_size)
     train_loader = build_loader(train_ds, args.batch_size, train=True, workers=args.workers, seed=args.seed)

@@ -29,12 +29,13 @@ from pathlib import Path
 
 import torch
 
-from modules.checkpoint import load_checkpoint, load_state_dict_strict, strip_module_prefix
+from modules.checkpoint import load_checkpoint, load_state_dict_strict
 from modules.cli import add_aliases, run_main
 from modules.counter import count_macs, count_params
 from modules.lsq import PRESETS, QUANT_MODES, set_quant_mode
 from modules.named_models import get_named_model, model_names, reported_subnets
-from modules.original import from_original_state, is_original_state
+from modules.original import find_released_checkpoint, from_original_state, is_original_state
+from modules.subnet_search import state_dict_of
 from modules.supernet import SuperNet
 
 DEFAULT_CALIB_BATCHES = 20
@@ -83,40 +84,24 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- checkpoints
-def _state_dict_of(ckpt, path) -> dict:
-    if isinstance(ckpt, dict):
-        for key in ("model", "state_dict"):
-            if key in ckpt and isinstance(ckpt[key], dict):
-                return strip_module_prefix(ckpt[key])
-        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-            return strip_module_prefix(ckpt)
-    raise ValueError(f"checkpoint {path}: expected a state dict, bare or under 'model' / 'state_dict'")
-
-
 def _checkpoint_path(args) -> Path | None:
     """--checkpoint, else the named model's supernet checkpoint where the original keeps it; without one, a table
     of MACs and params only (an accuracy needs weights: one line says where to put them)."""
     if args.checkpoint is not None or args.all:
         return args.checkpoint
-    from modules.subnet_search import find_supernet_checkpoint
-
     m = get_named_model(args.model_name)
     try:
-        return find_supernet_checkpoint(args.output_dir, m.supernet, args.quant_mode)
-    except FileNotFoundError:
-        name = "lsq.pth" if args.quant_mode == "lsq" else "checkpoint.pth"
-        where = Path(args.output_dir) / "supernet_training" / m.supernet_name / name
-        msg = (f"no checkpoint for {args.model_name}: put the released {m.supernet_name} {name} at {where} "
-               "(or give --checkpoint)")
+        return find_released_checkpoint(args.output_dir, m.supernet_name, m.supernet, args.quant_mode)
+    except FileNotFoundError as e:
         if args.dataset_path is not None:
-            raise FileNotFoundError(msg) from None
-        print(f"note: {msg}; MACs and params only", file=sys.stderr)
+            raise FileNotFoundError(f"{e} (or give --checkpoint)") from None
+        print(f"note: {e}; MACs and params only", file=sys.stderr)
         return None
 
 
 def _load_state(args, path) -> tuple[dict, str]:
     """(our state dict, LSQ+ preset) of a checkpoint; the original's are mapped to our names (preset original)."""
-    state = _state_dict_of(load_checkpoint(path), path)
+    state = state_dict_of(load_checkpoint(path), path)
     preset = args.quant_preset or "ort"
     if is_original_state(state):
         if args.all:

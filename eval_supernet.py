@@ -9,7 +9,7 @@ Examples::
     python eval_supernet.py --mode lat --supernet tiny-123450-000000 --subnets best.json \\
         --latency_predictor ort_int8 --measure
 
-`--mode acc` runs in one process (the original crashed without DDP) and writes a table and
+`--mode acc` runs in one process or under torchrun (the subnets spread over the ranks) and rank 0 writes a table and
 ``<output_dir>/eval_supernet/<supernet>/acc_<quant mode>_<split>.csv`` (rewritten, never appended):
 name, subnet, resolution, top-1, MMACs, Mparams (+ predicted latency with --latency_predictor).
 `--mode lat` needs no checkpoint or data: predicted latency per platform of `--latency_predictor`
@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-from modules.checkpoint import atomic_write_text
+from modules.checkpoint import atomic_write_bytes, atomic_write_text
 from modules.cli import add_aliases, add_common_args, run_main, setup_logging
+from modules.dist import destroy_distributed, init_distributed_mode, is_main_process, map_over_ranks
 from modules.subnet_search import (SubnetEvaluator, SubnetSpace, add_supernet_args, build_eval_batches, calib_kwargs,
                                    load_predictor_for, load_supernet_checkpoint, resolve_checkpoint, resolve_data,
                                    resolve_subnet)
@@ -111,10 +112,10 @@ def _predictors(platforms: list[str], space: SubnetSpace, args, given: dict | No
 
 
 # ------------------------------------------------------------------------------------------ accuracy
-def eval_acc(args, predictor_platforms: list[str], predictors: dict | None = None) -> dict:
+def eval_acc(args, predictor_platforms: list[str], predictors: dict | None = None, device="cpu") -> dict:
     from modules.counter import count_macs, count_params
     ckpt_path = resolve_checkpoint(args)
-    net, info = load_supernet_checkpoint(ckpt_path, args.supernet, args.device, log=log.warning)
+    net, info = load_supernet_checkpoint(ckpt_path, args.supernet, device, log=log.warning)
     space = SubnetSpace(net.choice, net.hw_list)
     items = subnet_list(space, args)
     data = resolve_data(args, info, log=log.warning)
@@ -125,25 +126,29 @@ def eval_acc(args, predictor_platforms: list[str], predictors: dict | None = Non
         **calib_kwargs(data))
     log.info("%s (%s): %d %s images, BN calibration on %d train images", info["supernet"], info["quant_mode"],
              dinfo["eval_images"], args.split, dinfo["calib_images"])
-    evaluator = SubnetEvaluator(net, calib, val, args.device, args.cache_limit_gb)
+    evaluator = SubnetEvaluator(net, calib, val, device, args.cache_limit_gb)
     predictors = _predictors(predictor_platforms, space, args, predictors)
     header = ["name", "resolution", "top1", "MMACs", "Mparams"] + [f"lat_{p}_ms" for p in predictors] + ["subnet"]
-    rows = []
-    for name, cfg in items:
+
+    def row(item) -> list:
+        name, cfg = item
         t0 = time.perf_counter()
         acc = evaluator(cfg)
         macs = count_macs(net, (1, 3, cfg.resolution, cfg.resolution)) / 1e6
         params = count_params(net.get_active_subnet(preserve_weight=False)) / 1e6
         lats = [float(p.predict_subnet(net)) for p in predictors.values()]
-        rows.append([name, cfg.resolution, acc, macs, params] + lats + [str(cfg)])
         log.info("%s: top-1 %.2f %% (%.1f s)", name, acc, time.perf_counter() - t0)
-    print(format_table(header[:-1], [r[:-1] for r in rows]))
+        return [name, cfg.resolution, acc, macs, params] + lats + [str(cfg)]
+
+    rows = map_over_ranks(row, items)  # the subnets spread over the ranks; rank 0 writes the table
     out = Path(args.csv) if args.csv else (Path(args.output_dir) / "eval_supernet" / info["supernet"]
                                           / f"acc_{info['quant_mode']}_{args.split}.csv")
-    atomic_write_text(out, _csv(["supernet", "quant_mode", "split"] + header,
-                                [[info["supernet"], info["quant_mode"], args.split]
-                                 + [f"{c:.6g}" if isinstance(c, float) else c for c in r] for r in rows]))
-    log.info("wrote %s", out)
+    if is_main_process():
+        print(format_table(header[:-1], [r[:-1] for r in rows]))
+        atomic_write_text(out, _csv(["supernet", "quant_mode", "split"] + header,
+                                    [[info["supernet"], info["quant_mode"], args.split]
+                                     + [f"{c:.6g}" if isinstance(c, float) else c for c in r] for r in rows]))
+        log.info("wrote %s", out)
     return {"csv": str(out), "rows": [dict(zip(header, r)) for r in rows], "info": info}
 
 
@@ -233,11 +238,8 @@ def eval_lat(args, platforms: list[str], predictors: dict | None = None) -> dict
 def _plot_cdf(lat: dict, path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
-    import os
-
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     for p, v in lat.items():
         v = sorted(v)
@@ -247,19 +249,25 @@ def _plot_cdf(lat: dict, path: Path, title: str) -> None:
     ax.set_title(f"{title}: latency CDF")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def main(args, predictors: dict | None = None) -> dict:
     """`predictors` ({platform: object with predict_subnet/predict_blocks}) replaces the loaded ones (tests)."""
-    setup_logging(None, "eval_supernet")
-    torch.manual_seed(args.seed)
-    if args.mode == "acc":
-        return eval_acc(args, args.latency_predictor or [], predictors)
-    return eval_lat(args, args.latency_predictor or ["ort_int8"], predictors)
+    if args.mode == "lat":  # one process: latency needs no data, --measure times on this machine's CPU
+        setup_logging(None, "eval_supernet")
+        torch.manual_seed(args.seed)
+        return eval_lat(args, args.latency_predictor or ["ort_int8"], predictors)
+    dinfo = init_distributed_mode(args.device)
+    try:
+        setup_logging(None, "eval_supernet")
+        torch.manual_seed(args.seed)
+        return eval_acc(args, args.latency_predictor or [], predictors, dinfo.device)
+    finally:
+        destroy_distributed()
 
 
 if __name__ == "__main__":

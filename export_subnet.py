@@ -23,8 +23,8 @@ import torch
 from modules.cli import add_common_args, run_main, setup_logging
 from modules.ops import BACKEND_PRESETS
 from modules.subnet_search import (SubnetSpace, add_supernet_args, build_calib_batches, calib_kwargs,
-                                   load_subnet_checkpoint, load_supernet_checkpoint, resolve_checkpoint, resolve_data,
-                                   resolve_subnet, save_subnet_checkpoint)
+                                   extract_subnet, load_subnet_checkpoint, load_supernet_checkpoint,
+                                   resolve_checkpoint, resolve_data, resolve_subnet, save_subnet_checkpoint)
 
 log = logging.getLogger("export_subnet")
 
@@ -34,7 +34,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_supernet_args(p)
     p.add_argument("--subnet", required=True,
-                   help="subnet encoding, 'max', 'min', or a JSON file with a 'subnet' key (search_subnet's best.json)")
+                   help="subnet encoding, a published subnet's name (SEQnet@vnni-A0), 'max', 'min', or a JSON file with "
+                        "a 'subnet' key (search_subnet's best.json)")
     p.add_argument("--no_calib", action="store_true",
                    help="keep the supernet's BN statistics instead of recalibrating them for this subnet")
     p.add_argument("--quant_preset", default=None, choices=BACKEND_PRESETS,
@@ -73,8 +74,6 @@ def _convert_preset(sub, info: dict, preset: str, calib, device) -> None:
 
 
 def main(args) -> dict:
-    from modules.engine import calibrate_bn
-
     setup_logging(None, "export_subnet")
     saved = None
     if args.subnet.endswith(".json") and Path(args.subnet).is_file():
@@ -86,22 +85,21 @@ def main(args) -> dict:
     net, info = load_supernet_checkpoint(ckpt_path, args.supernet, args.device, log=log.warning)
     space = SubnetSpace(net.choice, net.hw_list)
     cfg = resolve_subnet(space, args.subnet)
-    net.set_active_subnet(cfg)
-    seen = 0
     data = resolve_data(args, info, saved, log=log.warning) if not args.no_calib or args.eval else {}
     if saved:
         log.info("BN calibration settings of the search: %s", data)
     image_size = data.get("image_size") or args.image_size or max(space.hw_list)
+    calib = None
     if not args.no_calib:
         calib, _, dinfo = build_calib_batches(data["data_dir"], image_size, workers=args.workers,
                                               **calib_kwargs(data))
-        seen = calibrate_bn(net, calib, len(calib), args.device)
-        log.info("BN statistics recalibrated on %d training images", seen)
     else:
         log.warning("--no_calib: the subnet keeps the supernet's BN statistics (usually wrong for a subnet)")
-    sub = net.get_active_subnet(preserve_weight=True).eval()
+    sub, seen = extract_subnet(net, cfg, calib, args.device)
+    if seen:
+        log.info("BN statistics recalibrated on %d training images", seen)
     if args.quant_preset:
-        _convert_preset(sub, info, args.quant_preset, calib if not args.no_calib else None, args.device)
+        _convert_preset(sub, info, args.quant_preset, calib, args.device)
     out = Path(args.output) if args.output else default_output(args.output_dir, info["supernet"], str(cfg))
     save_subnet_checkpoint(sub, out, source_checkpoint=str(ckpt_path), bn_calibration_images=int(seen),
                            data=data)

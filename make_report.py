@@ -218,6 +218,16 @@ def build_report(out: Path, superspace: str) -> str:
         return _md_table(rows) + "\n" + "".join(f"- {verdict_line(*v)}\n" for v in verdicts(rows))
 
     parts.append(section("Deployment fidelity (learned LSQ+ scales in real INT8)", fidelity, "bench/deploy_fidelity.py"))
+
+    def compare_spaces():
+        summary = out / "compare_spaces" / "summary.md"
+        if not summary.is_file():
+            raise FileNotFoundError(summary)
+        # the summary's figure is next to it; from the report it is one folder down
+        return summary.read_text().replace("](compare.png)", "](compare_spaces/compare.png)")
+
+    parts.append(section("Searched space against hand-made spaces", compare_spaces,
+                         "python bench/space_vs_baseline.py --demo_dir <output_dir>"))
     return "\n".join(parts)
 
 

@@ -31,7 +31,6 @@ import csv
 import io
 import json
 import logging
-import os
 import random
 import statistics
 import time
@@ -39,8 +38,9 @@ from pathlib import Path
 
 import torch
 
-from modules.checkpoint import atomic_write_text
+from modules.checkpoint import atomic_write_bytes, atomic_write_text
 from modules.cli import add_aliases, add_common_args, nonneg_int, positive_int, run_main, save_run_info, setup_logging
+from modules.dist import destroy_distributed, init_distributed_mode, is_main_process, map_over_ranks
 from modules.original_cli import add_original_option, parent_of
 from modules.subnet_search import (WINDOW_SEED_OFFSET, LatencyOracle, SearchSettings, SubnetEvaluator, SubnetSpace,
                                    add_supernet_args, build_eval_batches, calib_kwargs, check_window,
@@ -154,14 +154,17 @@ class EvalCache:
                 log.info("%s: data or checkpoint changed, its scores are not reused", path)
         self.hits = 0
 
-    def get(self, table: str, key: str, evaluate) -> float:
+    def get_many(self, table: str, keys: list[str], evaluate) -> list[float]:
+        """The scores of `keys`, those not cached computed by `evaluate(key)` spread over the ranks (every rank
+        gets every score; rank 0 alone writes the cache)."""
         values = self.tables[table]
-        if key in values:
-            self.hits += 1
-            return values[key]
-        values[key] = float(evaluate())
-        atomic_write_text(self.path, json.dumps({"config": self.config, **self.tables}, indent=1) + "\n")
-        return values[key]
+        todo = list(dict.fromkeys(k for k in keys if k not in values))
+        self.hits += sum(1 for k in keys if k in values)
+        for key, score in zip(todo, map_over_ranks(lambda k: float(evaluate(k)), todo)):
+            values[key] = score
+        if todo and is_main_process():
+            atomic_write_text(self.path, json.dumps({"config": self.config, **self.tables}, indent=1) + "\n")
+        return [values[k] for k in keys]
 
 
 def _csv(header, rows) -> str:
@@ -172,13 +175,9 @@ def _csv(header, rows) -> str:
     return buf.getvalue()
 
 
-def write_outputs(outcome, run_dir: Path, net_info: dict, platform: str, top_rows: list | None,
-                  data: dict | None = None) -> dict:
+def summarize(outcome, net_info: dict, platform: str, top_rows: list | None, data: dict | None = None) -> dict:
+    """The content of best.json."""
     evo = outcome.evo
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "history.csv", _csv(
-        ["index", "iteration", "subnet", "latency_ms", "fitness"],
-        [[r.index, r.info["iteration"], r.key, f"{r.info['latency']:.6f}", f"{r.score:.4f}"] for r in evo.history]))
     best = evo.best()
     top = evo.best(10)
     result = {"supernet": net_info["supernet"], "subnet": best.key, "num_classes": net_info["num_classes"],
@@ -190,14 +189,22 @@ def write_outputs(outcome, run_dir: Path, net_info: dict, platform: str, top_row
               "trajectory": outcome.trajectory, "data": data or {}}
     if top_rows:
         result["top_val"] = top_rows
+    return result
+
+
+def write_outputs(outcome, run_dir: Path, result: dict, top_rows: list | None) -> None:
+    """history.csv, best.json (`result`) and top.csv of one search."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "history.csv", _csv(
+        ["index", "iteration", "subnet", "latency_ms", "fitness"],
+        [[r.index, r.info["iteration"], r.key, f"{r.info['latency']:.6f}", f"{r.score:.4f}"]
+         for r in outcome.evo.history]))
     atomic_write_text(run_dir / "best.json", json.dumps(result, indent=1) + "\n")
     if top_rows:
         atomic_write_text(run_dir / "top.csv", _csv(
             ["rank", "subnet", "latency_ms", "holdout_top1", "val_top1"],
             [[i + 1, r["subnet"], f"{r['latency_ms']:.6f}", f"{r['fitness']:.4f}", f"{r['val_top1']:.4f}"]
              for i, r in enumerate(top_rows)]))
-    plot_pareto([outcome], run_dir / "pareto.png", platform)
-    return result
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -244,14 +251,24 @@ def plot_pareto(outcomes: list, path: Path, platform: str, baselines: dict | Non
     ax.set_title("subnet search: accuracy vs latency")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 # ------------------------------------------------------------------------------------------ main
 def main(args, predictor=None) -> dict:
+    """Under torchrun every rank runs the same evolution; the candidates of each step are spread over the ranks
+    and their scores gathered, so every rank holds the whole history and rank 0 alone writes the files."""
+    info = init_distributed_mode(args.device)
+    try:
+        return _search(args, predictor, info.device)
+    finally:
+        destroy_distributed()
+
+
+def _search(args, predictor, device) -> dict:
     t_start = time.perf_counter()
     settings = settings_from_args(args)
     settings.check()
@@ -261,7 +278,7 @@ def main(args, predictor=None) -> dict:
         raise ValueError("--resume and --fresh exclude each other")
     torch.manual_seed(args.seed)
     ckpt_path = resolve_checkpoint(args)
-    net, net_info = load_supernet_checkpoint(ckpt_path, args.supernet, args.device, log=log.warning)
+    net, net_info = load_supernet_checkpoint(ckpt_path, args.supernet, device, log=log.warning)
     encoding = net_info["supernet"]
     root = search_root(args.output_dir, encoding)
     root.mkdir(parents=True, exist_ok=True)
@@ -278,42 +295,17 @@ def main(args, predictor=None) -> dict:
         if not (args.resume and state.is_file()):
             check_window(space, lat, target - args.latency_delta, target,
                          random.Random(args.seed + WINDOW_SEED_OFFSET), settings.max_tries, args.latency_predictor)
-
-    data = resolve_data(args, net_info, log=log.warning,
-                        defaults={"num_calib_batches": TINY_CALIB_BATCHES} if args.tiny else None)
-    data_dir = data["data_dir"]
-    image_size = data["image_size"] or max(space.hw_list)
-    t0 = time.perf_counter()
-    calib, holdout, data_info = build_eval_batches(
-        data_dir, image_size, split="holdout", batch_size=args.batch_size, workers=args.workers,
-        cache_limit_gb=args.cache_limit_gb, log=log.warning, **calib_kwargs(data))
-    log.info("fitness data: %d held-out train images, %d BN-calibration images (%.1f s)",
-             data_info["eval_images"], data_info["calib_images"], time.perf_counter() - t0)
-    evaluator = SubnetEvaluator(net, calib, holdout, args.device, args.cache_limit_gb)
-    val_evaluator = None
-
-    def val_eval():
-        nonlocal val_evaluator
-        if val_evaluator is None:
-            _, val, _ = build_eval_batches(
-                data_dir, image_size, split="val", holdout_size=data_info["holdout_size"], num_calib_batches=1,
-                calib_batch_size=data["calib_batch_size"], batch_size=args.batch_size, seed=data["data_seed"],
-                workers=args.workers, cache_limit_gb=args.cache_limit_gb, log=log.warning)
-            val_evaluator = SubnetEvaluator(net, calib, val, args.device, args.cache_limit_gb)
-        return val_evaluator
-
+    ev = _Evaluators(args, net, net_info, space, device, ckpt_path)
     st = Path(ckpt_path).stat()
     ckpt_stat = [st.st_size, st.st_mtime_ns]
-    data_config = dict(data, checkpoint=str(Path(ckpt_path).resolve()), data_dir=str(Path(data_dir).resolve()),
-                       image_size=image_size, holdout_size=data_info["holdout_size"])
-    run_config = dict(data_config, predictor=predictor_fingerprint(predictor))
+    run_config = dict(ev.data_config, predictor=predictor_fingerprint(predictor))
     fitness_cache: dict[str, float] = {}
     results, outcomes, baselines = {}, [], {}
     for target in args.latency_constraint:
         run_dir = search_run_dir(args.output_dir, encoding, target, args.latency_delta)
         run_dir.mkdir(parents=True, exist_ok=True)
         state = run_dir / "state.json"
-        if args.fresh:
+        if args.fresh and is_main_process():
             for f in (state, run_dir / "eval_cache.json"):
                 f.unlink(missing_ok=True)
         log.info("target %g ms, window [%g, %g] ms (%s): population %d, %d iterations, %d parents, %d mutations + "
@@ -321,59 +313,113 @@ def main(args, predictor=None) -> dict:
                  settings.population, settings.iterations, settings.parent_size, settings.num_mutations,
                  settings.num_crossovers)
         t0 = time.perf_counter()
-        n_eval0 = evaluator.num_evaluations
+        n_eval0 = ev.holdout.num_evaluations
         outcome = run_subnet_search(
-            space, lat, evaluator, target, args.latency_delta, settings, seed=args.seed, state_path=state,
+            space, lat, ev.holdout, target, args.latency_delta, settings, seed=args.seed, state_path=state,
             resume=args.resume, save_interval=args.save_interval, progress=not args.no_progress,
             config=run_config, platform=args.latency_predictor, fitness_cache=fitness_cache, log=log.info)
         dt = time.perf_counter() - t0
-        n_eval = evaluator.num_evaluations - n_eval0
+        n_eval = ev.holdout.num_evaluations - n_eval0
         best = outcome.evo.best()
-        log.info("target %g ms: %d subnets in the history (%d evaluated now, %.2f s each), best %.2f %% at %.4g ms: "
-                 "%s", target, len(outcome.evo.history), n_eval, dt / max(1, n_eval), best.score,
+        log.info("target %g ms: %d subnets in the history (%d evaluated by this rank, %.2f s each), best %.2f %% at "
+                 "%.4g ms: %s", target, len(outcome.evo.history), n_eval, dt / max(1, n_eval), best.score,
                  best.info["latency"], best.key)
         if outcome.evo.stop_reason:
             log.warning("target %g ms: search stopped early: %s", target, outcome.evo.stop_reason)
-        top_rows = []
-        scores = EvalCache(run_dir / "eval_cache.json", dict(data_config, checkpoint_stat=ckpt_stat))
-        if args.eval_top:
-            for r in outcome.evo.best(args.eval_top):
-                top_rows.append({"subnet": r.key, "latency_ms": r.info["latency"], "fitness": r.score,
-                                 "val_top1": scores.get("val", r.key, lambda: val_eval()(r.key))})
-            log.info("top %d on val: best subnet %.2f %%", len(top_rows), top_rows[0]["val_top1"])
-        if args.random_baseline:
-            rng = random.Random(args.seed + 104729)
-            cfgs = sample_in_window(space, lat, target - args.latency_delta, target, rng, args.random_baseline,
-                                    args.max_tries * args.random_baseline)
-            rows = []
-            for cfg in cfgs:
-                key = str(cfg)
-                acc = fitness_cache.get(key)
-                if acc is None:
-                    acc = fitness_cache[key] = scores.get("holdout", key, lambda: evaluator(cfg))
-                rows.append({"subnet": key, "latency_ms": lat(cfg), "fitness": acc,
-                             "val_top1": scores.get("val", key, lambda: val_eval()(key))})
-            baselines[target] = rows
-            atomic_write_text(run_dir / "random_baseline.csv", _csv(
-                ["subnet", "latency_ms", "holdout_top1", "val_top1"],
-                [[r["subnet"], f"{r['latency_ms']:.6f}", f"{r['fitness']:.4f}", f"{r['val_top1']:.4f}"]
-                 for r in rows]))
-            med = statistics.median(r["val_top1"] for r in rows) if rows else float("nan")
-            log.info("random baseline: %d in-window subnets, median val top-1 %.2f %%", len(rows), med)
+        scores = EvalCache(run_dir / "eval_cache.json", dict(ev.data_config, checkpoint_stat=ckpt_stat))
+        top_rows = _top_on_val(args, outcome, scores, ev)
+        rows = _random_baseline(args, space, lat, target, scores, ev, fitness_cache)
         if scores.hits:
             log.info("%d score(s) reused from %s", scores.hits, scores.path)
-        res = write_outputs(outcome, run_dir, net_info, args.latency_predictor, top_rows, data_config)
-        if args.random_baseline:
-            res["random_baseline_val_median"] = med
-            atomic_write_text(run_dir / "best.json", json.dumps(res, indent=1) + "\n")
-            plot_pareto([outcome], run_dir / "pareto.png", args.latency_predictor, baselines)
-        results[target] = res
+        if rows is not None:
+            baselines[target] = rows
+        results[target] = _write_target(args, outcome, run_dir, net_info, top_rows, rows, ev.data_config, baselines)
         outcomes.append(outcome)
-        log.info("outputs in %s", run_dir)
-    if len(outcomes) > 1:
+    if len(outcomes) > 1 and is_main_process():
         plot_pareto(outcomes, root / "pareto.png", args.latency_predictor, baselines)
     log.info("done in %.1f s", time.perf_counter() - t_start)
     return results
+
+
+class _Evaluators:
+    """The fitness evaluator (held-out train images) and, built on first use, the val evaluator."""
+
+    def __init__(self, args, net, net_info: dict, space: SubnetSpace, device, ckpt_path: Path):
+        self.args, self.net, self.device = args, net, device
+        self.data = data = resolve_data(args, net_info, log=log.warning,
+                                        defaults={"num_calib_batches": TINY_CALIB_BATCHES} if args.tiny else None)
+        self.image_size = data["image_size"] or max(space.hw_list)
+        t0 = time.perf_counter()
+        self.calib, holdout, self.data_info = build_eval_batches(
+            data["data_dir"], self.image_size, split="holdout", batch_size=args.batch_size, workers=args.workers,
+            cache_limit_gb=args.cache_limit_gb, log=log.warning, **calib_kwargs(data))
+        log.info("fitness data: %d held-out train images, %d BN-calibration images (%.1f s)",
+                 self.data_info["eval_images"], self.data_info["calib_images"], time.perf_counter() - t0)
+        self.holdout = SubnetEvaluator(net, self.calib, holdout, device, args.cache_limit_gb)
+        self._val = None
+        self.data_config = dict(data, checkpoint=str(Path(ckpt_path).resolve()),
+                                data_dir=str(Path(data["data_dir"]).resolve()), image_size=self.image_size,
+                                holdout_size=self.data_info["holdout_size"])
+
+    def val(self, key: str) -> float:
+        if self._val is None:
+            a, data = self.args, self.data
+            _, val, _ = build_eval_batches(
+                data["data_dir"], self.image_size, split="val", holdout_size=self.data_info["holdout_size"],
+                num_calib_batches=1, calib_batch_size=data["calib_batch_size"], batch_size=a.batch_size,
+                seed=data["data_seed"], workers=a.workers, cache_limit_gb=a.cache_limit_gb, log=log.warning)
+            self._val = SubnetEvaluator(self.net, self.calib, val, self.device, a.cache_limit_gb)
+        return self._val(key)
+
+
+def _top_on_val(args, outcome, scores: EvalCache, ev: _Evaluators) -> list[dict]:
+    """The top `--eval_top` subnets of the search with their val top-1."""
+    if not args.eval_top:
+        return []
+    top = outcome.evo.best(args.eval_top)
+    vals = scores.get_many("val", [r.key for r in top], ev.val)
+    rows = [{"subnet": r.key, "latency_ms": r.info["latency"], "fitness": r.score, "val_top1": v}
+            for r, v in zip(top, vals)]
+    log.info("top %d on val: best subnet %.2f %%", len(rows), rows[0]["val_top1"])
+    return rows
+
+
+def _random_baseline(args, space, lat, target: float, scores: EvalCache, ev: _Evaluators,
+                     fitness_cache: dict) -> list[dict] | None:
+    """`--random_baseline` random in-window subnets with their held-out and val top-1 (None without it)."""
+    if not args.random_baseline:
+        return None
+    rng = random.Random(args.seed + 104729)
+    cfgs = sample_in_window(space, lat, target - args.latency_delta, target, rng, args.random_baseline,
+                            args.max_tries * args.random_baseline)
+    keys = [str(c) for c in cfgs]
+    todo = [k for k in keys if k not in fitness_cache]
+    for k, acc in zip(todo, scores.get_many("holdout", todo, ev.holdout)):
+        fitness_cache[k] = acc
+    vals = scores.get_many("val", keys, ev.val)
+    return [{"subnet": k, "latency_ms": lat(k), "fitness": fitness_cache[k], "val_top1": v}
+            for k, v in zip(keys, vals)]
+
+
+def _write_target(args, outcome, run_dir: Path, net_info: dict, top_rows: list, rows: list | None,
+                  data_config: dict, baselines: dict) -> dict:
+    """best.json, history.csv, top.csv, random_baseline.csv, pareto.png of one target (rank 0 writes)."""
+    res = summarize(outcome, net_info, args.latency_predictor, top_rows, data_config)
+    med = None
+    if rows is not None:
+        med = statistics.median(r["val_top1"] for r in rows) if rows else float("nan")
+        res["random_baseline_val_median"] = med
+        log.info("random baseline: %d in-window subnets, median val top-1 %.2f %%", len(rows), med)
+    if not is_main_process():
+        return res
+    write_outputs(outcome, run_dir, res, top_rows)
+    if rows is not None:
+        atomic_write_text(run_dir / "random_baseline.csv", _csv(
+            ["subnet", "latency_ms", "holdout_top1", "val_top1"],
+            [[r["subnet"], f"{r['latency_ms']:.6f}", f"{r['fitness']:.4f}", f"{r['val_top1']:.4f}"] for r in rows]))
+    plot_pareto([outcome], run_dir / "pareto.png", args.latency_predictor, baselines)
+    log.info("outputs in %s", run_dir)
+    return res
 
 
 if __name__ == "__main__":

@@ -47,9 +47,11 @@ from modules.cli import (add_aliases, add_common_args, git_sha, run_main, save_r
                          setup_logging)
 from modules.data import AUGMENTATIONS
 from modules.encoding import parse_supernet
-from modules.engine import (AverageMeter, GracefulStop, ResizeCache, all_reduce_buffers, all_reduce_gradients,
-                            broadcast_module, build_sgd, build_warmup_cosine, calibrate_bn, evaluate_top1,
-                            init_lsq_scales, plot_curves, set_deterministic, step_rng, write_csv)
+from modules.engine import (AMP_MODES, AverageMeter, GracefulStop, ResizeCache, all_reduce_buffers,
+                            all_reduce_gradients, amp_autocast, amp_grad_scaler, broadcast_module, build_sgd,
+                            build_warmup_cosine, calibrate_bn, evaluate_top1, init_lsq_scales, plot_curves,
+                            set_deterministic, step_rng, write_csv)
+from modules.original import from_original_state, is_original_state
 from modules.losses import AdaptiveLossSoft, CrossEntropyLabelSmooth
 from modules.lsq import PRESETS, set_quant_mode
 from modules.original_cli import SupernetAction, SuperspaceAction, supernet_text, translate_train_yaml
@@ -147,6 +149,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "2 threads: 17.9 -> 15.0 s per epoch)")
     g.add_argument("--deterministic", action=bool_arg, default=False,
                    help="deterministic kernels (bit-exact resume on CPU with a fixed --threads)")
+    g.add_argument("--amp", choices=AMP_MODES, default="off",
+                   help="mixed precision of the forward passes: bf16 (CPU or CUDA) or fp16 (CUDA, with loss scaling); "
+                        "LSQ+ fake-quant stays float32 (default: %(default)s)")
     g.add_argument("--progress", action=bool_arg, default=True, help="tqdm progress bar")
     g.add_argument("--plot", action=bool_arg, default=True, help="draw curves.png after each validation")
     _add_original_names(p)
@@ -255,6 +260,8 @@ class Run:
 
 def load_run_checkpoint(path: Path, encoding: str, quant_mode: str, preset: str | None) -> dict:
     ckpt = load_checkpoint(path)
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict) and is_original_state(ckpt["state_dict"]):
+        ckpt = _from_original(ckpt, path, encoding, quant_mode)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"checkpoint {path} has no 'model' entry: not a supernet training checkpoint")
     found = ckpt.get("supernet")
@@ -267,6 +274,54 @@ def load_run_checkpoint(path: Path, encoding: str, quant_mode: str, preset: str 
         raise ValueError(f"checkpoint {path} uses LSQ+ preset {ckpt.get('quant_preset')!r}; "
                          f"resume with --quant_preset {ckpt.get('quant_preset')}")
     return ckpt
+
+
+def _from_original(ckpt: dict, path: Path, encoding: str, quant_mode: str) -> dict:
+    """An original SpaceEvo fp32 checkpoint as one of ours (weights only: its optimizer state belongs to its own
+    parameter order), so that our LSQ+ phase can start from the original's fp32 training."""
+    state = ckpt["state_dict"]
+    head = next((v for k, v in state.items() if k.endswith("stages.logits.blocks.0.linear.weight")), None)
+    net = SuperNet(parse_supernet(encoding), None if head is None else int(head.shape[0]))
+    ours, mode = from_original_state(state, net, f"checkpoint {path} (supernet {encoding})")
+    if mode != "fp32" or quant_mode != "fp32":
+        raise ValueError(f"checkpoint {path} is an original SpaceEvo {mode} checkpoint: only its fp32 checkpoint "
+                         "can start training here (our LSQ+ phase); evaluate or export its LSQ+ checkpoint instead")
+    args = ckpt.get("args") or {}
+    epoch, epochs = ckpt.get("epoch"), args.get("epochs") if isinstance(args, dict) else None
+    return {"model": ours, "supernet": encoding, "quant_mode": "fp32", "epoch": epoch, "epochs": epochs,
+            "complete": None if epoch is None or epochs is None else epoch >= epochs}
+
+
+def _original_fp32_run(args, encoding: str) -> Path | None:
+    """With --resume and no run of ours: the original's fp32 checkpoint of this supernet, if one is where it keeps
+    them (``<output_dir>/supernet_training/<encoding>-align0/checkpoint.pth``)."""
+    from modules.subnet_search import find_supernet_checkpoint, state_dict_of
+
+    try:
+        path = find_supernet_checkpoint(args.output_dir, encoding, "fp32")
+    except FileNotFoundError:
+        return None
+    return path if is_original_state(state_dict_of(load_checkpoint(path), path)) else None
+
+
+def _fp32_source(args, run: Run, encoding: str) -> Path:
+    """--fp32_checkpoint, else our fp32 run's checkpoint, else one where the original keeps it."""
+    from modules.subnet_search import find_supernet_checkpoint
+
+    if args.fp32_checkpoint:
+        path = Path(args.fp32_checkpoint)
+    elif run.fp32.is_file():
+        path = run.fp32
+    else:
+        try:
+            path = find_supernet_checkpoint(args.output_dir, encoding, "fp32")
+        except FileNotFoundError:
+            path = run.fp32
+    if not path.is_file():
+        raise FileNotFoundError(f"--quant_mode lsq starts from the fp32 supernet checkpoint {path}, which "
+                                f"does not exist; train {encoding} in fp32 first (same --output_dir) or pass "
+                                "--fp32_checkpoint")
+    return path
 
 
 def state_digest(model: torch.nn.Module) -> str:
@@ -305,6 +360,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_sgd(model, self.lr, args.momentum, args.nesterov, args.weight_decay)
         self.scheduler = build_warmup_cosine(self.optimizer, self.total_steps, int(round(warmup * self.steps_per_epoch)))
+        self.scaler = amp_grad_scaler(args.amp)
         self.ce = CrossEntropyLabelSmooth(args.label_smoothing)
         self.kd = AdaptiveLossSoft(args.alpha_min, args.alpha_max, args.iw_clip)
         # state that a checkpoint carries
@@ -336,6 +392,14 @@ class Trainer:
             if best:
                 atomic_save(ckpt, self.run.best)
         dist.barrier()
+
+    def start_at(self, epoch: int) -> None:
+        """Continue a run another program trained for `epoch` epochs, from its weights: the lr schedule goes on
+        where that run's was; the optimizer's momentum starts anew (its state belongs to the other program's
+        parameter order)."""
+        self.epoch, self.step = epoch, epoch * self.steps_per_epoch
+        self.scheduler.last_epoch = self.step - 1
+        self.scheduler.step()
 
     def restore(self, ckpt: dict) -> None:
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -384,7 +448,8 @@ class Trainer:
                 else:
                     net.sample_active_subnet(rng)
                 net.set_dropout(args.dropout if i == 0 else 0.0)
-                out = net(resize(net.active_resolution))
+                with amp_autocast(args.amp, self.device):
+                    out = net(resize(net.active_resolution)).float()
                 if i == 0:
                     loss = self.ce(out, labels)
                     teacher = out.detach()
@@ -398,12 +463,19 @@ class Trainer:
                 if not math.isfinite(loss.item()):
                     raise FloatingPointError(f"loss is {loss.item()} at step {self.step} ({kind} subnet "
                                              f"{net.get_active_subnet_config()}); lower the learning rate")
-                loss.backward()
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
         net.set_dropout(0.0)
+        # all-reduced before unscaling: an overflow on any rank reaches every rank, so all skip that step alike
         flags = all_reduce_gradients(self.params, [float(stop_requested)])
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
         if args.grad_clip_value > 0:
             torch.nn.utils.clip_grad_value_(self.params, args.grad_clip_value)
-        self.optimizer.step()
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         kd = sum(kd_losses) / len(kd_losses) if kd_losses else float("nan")
@@ -427,7 +499,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self, stop: GracefulStop) -> str:
         """Train until the last epoch or a stop request; returns "done" or "stopped"."""
-        from modules.data import set_loader_epoch
+        from modules.data import set_loader_epoch, start_loader_at
         args, loader = self.args, self.loaders["train"]
         main = dist.is_main_process()
         self.model.train()
@@ -440,9 +512,8 @@ class Trainer:
                 self.epoch_rng = get_rng_state()  # restored from the checkpoint: the epoch's start state
             t0 = time.time()
             set_loader_epoch(loader, self.epoch)
+            start_loader_at(loader, self.batch_in_epoch)  # mid-epoch resume: the batches done are not loaded
             it = iter(loader)
-            for _ in range(self.batch_in_epoch):  # mid-epoch resume: replay the data pipeline, skip the compute
-                next(it)
             bar = None
             if main and args.progress:
                 from tqdm import tqdm
@@ -533,13 +604,10 @@ def main(args: argparse.Namespace) -> int:
 
     # decide where the weights come from before any heavy work, so bad input fails fast
     resume_path = find_resume(run.dir, run.last.name) if args.resume else None
+    original_start = _original_fp32_run(args, encoding) if args.resume and not lsq and resume_path is None else None
     fp32_path = None
     if lsq and resume_path is None:
-        fp32_path = Path(args.fp32_checkpoint) if args.fp32_checkpoint else run.fp32
-        if not fp32_path.is_file():
-            raise FileNotFoundError(f"--quant_mode lsq starts from the fp32 supernet checkpoint {fp32_path}, which "
-                                    f"does not exist; train {encoding} in fp32 first (same --output_dir) or pass "
-                                    "--fp32_checkpoint")
+        fp32_path = _fp32_source(args, run, encoding)
 
     info = dist.init_distributed_mode(args.device)
     if args.threads:
@@ -557,6 +625,8 @@ def main(args: argparse.Namespace) -> int:
 
     resume_ckpt = load_run_checkpoint(resume_path, encoding, args.quant_mode, preset) if resume_path else None
     fp32_ckpt = load_run_checkpoint(fp32_path, encoding, "fp32", None) if fp32_path else None
+    if original_start is not None:  # the original's fp32 run, continued here from its weights
+        fp32_path, fp32_ckpt = original_start, load_run_checkpoint(original_start, encoding, "fp32", None)
     if args.resume and resume_ckpt is None:
         log.info("--resume: no %s yet, starting %s", run.last, "from the fp32 supernet" if lsq else "from scratch")
     elif not args.resume and run.last.exists() and dist.is_main_process():
@@ -572,7 +642,8 @@ def main(args: argparse.Namespace) -> int:
     if args.zero_last_gamma:
         model.zero_last_gamma()
     if fp32_ckpt is not None:
-        _check_complete(fp32_ckpt, fp32_path)
+        if lsq:
+            _check_complete(fp32_ckpt, fp32_path)
         load_state_dict_strict(model, fp32_ckpt["model"], f"fp32 checkpoint {fp32_path}")
     if lsq:
         set_quant_mode(model, "lsq", preset)  # creates the LSQ+ parameters: before the optimizer / LSQ checkpoint
@@ -589,6 +660,10 @@ def main(args: argparse.Namespace) -> int:
         trainer.restore(resume_ckpt)
         log.info("resumed %s: epoch %d, batch %d, step %d", resume_path, trainer.epoch + 1, trainer.batch_in_epoch,
                  trainer.step)
+    elif original_start is not None and fp32_ckpt.get("epoch"):
+        trainer.start_at(int(fp32_ckpt["epoch"]))
+        log.info("continuing the original's run %s after its epoch %d (optimizer state starts anew)",
+                 original_start, trainer.epoch)
     elif lsq:
         n = _init_lsq(model, loaders["calib"], args, info.device)
         log.info("LSQ+ scales of %d quantizers initialised from %d image(s) with the max subnet", n,

@@ -32,6 +32,7 @@ import random
 import signal
 import time
 import zlib
+from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -44,7 +45,7 @@ from modules import dist
 from modules.checkpoint import (atomic_save, atomic_write_text, build_checkpoint, load_checkpoint,
                                 load_state_dict_strict)
 from modules.encoding import format_substage
-from modules.engine import calibrate_bn, param_groups, warmup_cosine
+from modules.engine import AMP_MODES, amp_autocast, amp_grad_scaler, calibrate_bn, param_groups, warmup_cosine
 from modules.lsq import quantizers, set_quant_mode
 from modules.ops import DynamicConv2d
 from modules.superspace import SEARCHABLE, SuperSpace, get_superspace
@@ -277,7 +278,7 @@ def measure_nsr(model: StagePlusProj, cache: FeatureCache, resolution: int, eps:
     total = torch.zeros(2, dtype=torch.float64)
     for x_in, x_out in cache.eval[resolution][x]:
         per = nsr_per_sample(model(x_in), x_out, eps)
-        total[0] += per.double().sum()
+        total[0] += per.double().sum().item()  # total lives on the CPU, per on the model's device
         total[1] += per.numel()
     model.train(was_training)
     total = dist.all_reduce_sum(total)
@@ -321,14 +322,16 @@ def sync_gradients(models: Sequence[nn.Module], stop: bool = False) -> bool:
 
 
 def train_step(students: Sequence[Student], teacher: StagedTeacher, images: torch.Tensor, hw_list: Sequence[int],
-               step_seed: str, grad_clip_value: float | None, eps: float, stop: bool = False
-               ) -> tuple[dict[str, list[float]], bool]:
-    """One sandwich step for every student on one batch; returns ({key: [4 losses]}, stop_any_rank)."""
+               step_seed: str, grad_clip_value: float | None, eps: float, stop: bool = False, amp: str = "off",
+               scaler=None) -> tuple[dict[str, list[float]], bool]:
+    """One sandwich step for every student on one batch; returns ({key: [4 losses]}, stop_any_rank).
+    `amp`: autocast of the forward passes (`modules.engine.amp_autocast`); `scaler`: its GradScaler (fp16)."""
     rng = random.Random(f"{step_seed}-res")
     res = [max(hw_list), min(hw_list), rng.choice(hw_list), rng.choice(hw_list)]
     stages = sorted({s.model.stage_idx for s in students})
     images = channels_last(images)
-    with torch.no_grad():
+    autocast = amp_autocast(amp, images.device)
+    with torch.no_grad(), autocast:
         feats = {r: teacher.forward_stages(resize(images, r), stages) for r in sorted(set(res))}
     losses = {}
     for s in students:
@@ -339,18 +342,27 @@ def train_step(students: Sequence[Student], teacher: StagedTeacher, images: torc
         for mode, r in zip(MODES, res):
             m.sample(srng, mode)
             x_in, x_out = feats[r][m.stage_idx]
-            loss = nsr_loss(m(x_in), x_out, eps)
-            loss.backward()
+            with amp_autocast(amp, images.device):
+                pred = m(x_in)
+            loss = nsr_loss(pred.float(), x_out.float(), eps)  # a variance ratio: float32
+            (scaler.scale(loss) if scaler else loss).backward()
             out.append(loss.item())
         losses[s.key] = out
     stop = sync_gradients([s.model for s in students], stop)
     for s in students:
+        if scaler:
+            scaler.unscale_(s.optimizer)
         if grad_clip_value:
             torch.nn.utils.clip_grad_value_(s.model.parameters(), grad_clip_value)
-        s.optimizer.step()
+        if scaler:
+            scaler.step(s.optimizer)
+        else:
+            s.optimizer.step()
         s.optimizer.zero_grad(set_to_none=True)
         s.scheduler.step()
         s.step += 1
+    if scaler:
+        scaler.update()
     return losses, stop
 
 
@@ -481,6 +493,10 @@ def add_block_kd_args(parser: argparse.ArgumentParser, phase: str) -> argparse.A
                              "checkpoint.pth, trained on --data_dir when missing)")
     parser.add_argument("--teacher_epochs", type=int, default=5,
                         help="epochs of the tiny teacher (default: %(default)s)")
+    parser.add_argument("--amp", choices=AMP_MODES, default="off",
+                        help="mixed precision of the teacher and student forward passes: bf16 (CPU or CUDA) or fp16 "
+                             "(CUDA, with loss scaling); the NSR loss and LSQ+ fake-quant stay float32 (default: "
+                             "%(default)s)")
     parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
     if not fp32:
         parser.add_argument("--quant_preset", default="ort", choices=["original", "ort", "tflite"],
@@ -556,7 +572,8 @@ def run_block_kd(args: argparse.Namespace, phase: str, shard: tuple[int, int] | 
     ``shard=(i, n)``: only the pairs i, i + n, ... (one of the ``--student_procs`` processes; the parent
     process trains the teacher beforehand and writes the summary afterwards)."""
     from modules.cli import seed_everything
-    from modules.data import build_dataset, build_loader, calib_batches, set_loader_epoch, split_holdout
+    from modules.data import (build_dataset, build_loader, calib_batches, set_loader_epoch, split_holdout,
+                              start_loader_at)
 
     if phase not in PHASES:
         raise ValueError(f"block-KD phase {phase!r}: expected fp32 or lsq")
@@ -578,6 +595,9 @@ def run_block_kd(args: argparse.Namespace, phase: str, shard: tuple[int, int] | 
 
     if shard is None and args.student_procs > 1:
         return _run_student_procs(args, phase, space, all_pairs, hw_list, root)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if shard is None and 1 < world <= len(all_pairs):
+        return _run_student_ranks(args, phase, space, all_pairs, hw_list, root)
     info = dist.init_distributed_mode(args.device)
     device = info.device
     seed_everything(args.seed)
@@ -680,19 +700,23 @@ def run_block_kd(args: argparse.Namespace, phase: str, shard: tuple[int, int] | 
 
     from tqdm import tqdm
     stopped = False
+    amp_autocast(args.amp, device)  # an unusable --amp (fp16 on the CPU) fails here, before any step
+    scaler = amp_grad_scaler(args.amp)
     with _StopFlag() as flag:
         for epoch in range(min([s.epoch for s in students] + [args.epochs]), args.epochs):
             active = [s for s in students if s.epoch == epoch]
             if not active:
                 continue
             set_loader_epoch(loader, epoch)
+            first = min(s.batch_in_epoch for s in active)  # resumed mid-epoch: the batches all did are not loaded
+            start_loader_at(loader, first)
             for s in active:
                 if s.batch_in_epoch == 0:
                     s.loss_sums, s.loss_count = (0.0,) * 4, 0
             t0 = time.time()
-            bar = tqdm(total=steps_per_epoch, desc=f"{phase} epoch {epoch + 1}/{args.epochs}",
+            bar = tqdm(total=steps_per_epoch, initial=first, desc=f"{phase} epoch {epoch + 1}/{args.epochs}",
                        disable=args.no_progress or not dist.is_main_process(), unit="batch", leave=False)
-            for bi, (images, _) in enumerate(loader):
+            for bi, (images, _) in enumerate(loader, start=first):
                 if bi >= steps_per_epoch:
                     break
                 bar.update(1)
@@ -701,7 +725,7 @@ def run_block_kd(args: argparse.Namespace, phase: str, shard: tuple[int, int] | 
                     continue
                 losses, stop = train_step(stepping, teacher, images.to(device), hw_list,
                                           f"{args.seed}-{epoch * steps_per_epoch + bi}",
-                                          args.grad_clip_value, args.nsr_eps, flag.set)
+                                          args.grad_clip_value, args.nsr_eps, flag.set, args.amp, scaler)
                 for s in stepping:
                     s.batch_in_epoch = bi + 1
                     s.loss_sums = tuple(a + v for a, v in zip(s.loss_sums, losses[s.key]))
@@ -844,6 +868,34 @@ def _run_student_procs(args, phase: str, space: SuperSpace, pairs, hw_list, root
     return {"stopped": True, **results} if stopped else results
 
 
+# A rank may finish its students hours before another: the ranks only meet at the start and at the end, so
+# the group's timeout must outlast the longest imbalance.
+_STUDENT_RANKS_TIMEOUT = timedelta(days=7)
+
+
+def _run_student_ranks(args, phase: str, space: SuperSpace, pairs, hw_list, root: Path) -> dict:
+    """Under torchrun with at least as many students as ranks: rank r trains the students r, r + N, ... on all
+    the data, as a --student_procs process does, so each student ends exactly as in one process. Rank 0 trains
+    the (tiny) teacher first and writes the summary once every rank is done."""
+    info = dist.init_distributed_mode(args.device, backend="gloo", timeout=_STUDENT_RANKS_TIMEOUT)
+    t_start = time.time()
+    try:
+        # every rank: rank 0 trains and caches the tiny teacher when missing, the others wait for it
+        _setup_run(args, phase, space, hw_list, root)
+        log.info("%s block KD of %d student(s) spread over %d ranks", phase, len(pairs), info.world_size)
+        with dist.rank_local():
+            out = run_block_kd(args, phase, shard=(info.rank, info.world_size))
+        stopped = any(dist.all_gather_object(bool(out.get("stopped"))))
+        results = _read_results(args.output_dir, space, pairs, PHASES[phase][1])
+        if info.rank == 0 and results:
+            _write_summary(root, phase, space, pairs, results)
+            log.info("%s block KD %s after %.0f s (summary: %s)", phase, "stopped" if stopped else "finished",
+                     time.time() - t_start, root / f"{phase}_summary.csv")
+    finally:
+        dist.destroy_distributed()
+    return {"stopped": True, **results} if stopped else results
+
+
 # ------------------------------------------------------------------------------------------ LUT build
 def lut_jobs(space: SuperSpace, pairs: Sequence[tuple[int, int]], windows: Sequence[int] | None
              ) -> list[tuple[int, int, int]]:
@@ -954,7 +1006,8 @@ def build_lut_shard(cfg: dict, shard: int, num_shards: int, threads: int | None 
         raise FileNotFoundError(f"block-KD checkpoint(s) missing for the LUT: {', '.join(missing[:4])}"
                                 + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
                                 + f"; run {'train' if a.fp32_mode else 'lsq'}_block_kd.py first")
-    teacher = get_teacher(space, a.output_dir, a.teacher_weights, train_if_missing=False, hw_list=hw_list)
+    device = dist.local_device(getattr(a, "device", "cpu"))
+    teacher = get_teacher(space, a.output_dir, a.teacher_weights, train_if_missing=False, hw_list=hw_list).to(device)
     latency_fn, lat_desc = make_latency_fn(a.latency_predictor, space.name, a.latency_table_dir)
 
     # fixed calibration batches (train augmentation, seeded) and held-out images (eval transform); the held-out
@@ -964,8 +1017,8 @@ def build_lut_shard(cfg: dict, shard: int, num_shards: int, threads: int | None 
     held_view = build_dataset(a.data_dir, "train", False, size)
     train_set, held = split_holdout(train_full, a.valid_size, a.seed, held_view)
     calib_loader = build_loader(Subset(held_view, train_set.indices), a.calib_batch_size, True, 0, False, a.seed + 1)
-    calib_imgs = [bt[0] for bt in calib_batches(calib_loader, a.num_calib_batches)]
-    eval_imgs = [bt[0] for bt in build_loader(held, a.eval_batch_size, False, 0)][:a.max_eval_batches]
+    calib_imgs = [bt[0].to(device) for bt in calib_batches(calib_loader, a.num_calib_batches)]
+    eval_imgs = [bt[0].to(device) for bt in build_loader(held, a.eval_batch_size, False, 0)][:a.max_eval_batches]
     cache = FeatureCache.build(teacher, calib_imgs, eval_imgs, hw_list, sorted({x for x, _, _ in todo}))
 
     t0 = time.time()
@@ -976,6 +1029,7 @@ def build_lut_shard(cfg: dict, shard: int, num_shards: int, threads: int | None 
     for x, b, w in todo:
         if (x, b) not in states:
             model, ck = load_student(stage_dir(a.output_dir, space.name, x, b) / ckpt_name, space, x, b, teacher)
+            model.to(device)
             states[(x, b)] = (model, {k: v.clone() for k, v in model.state_dict().items()})
             cargs = ck.get("args", {})
             if cargs.get("seed", a.seed) != a.seed or cargs.get("valid_size", a.valid_size) < a.valid_size:

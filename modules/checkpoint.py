@@ -11,6 +11,7 @@ float, bool, None. ``build_checkpoint`` assembles such a dict; ``to_plain`` turn
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import pickle
 import random
@@ -44,25 +45,83 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class WriteError(OSError):
+    """A file or directory that cannot be written (disk full, no permission, read-only filesystem, a file
+    where a directory should be): one message naming the path. `modules.cli.run_main` prints it as one line."""
+
+    def __str__(self) -> str:  # the message alone, not "[Errno 28] ...: '<path>'"
+        return self.strerror
+
+
+_HINTS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+          errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
+          errno.EPERM: "permission denied", errno.ENOTDIR: "a file is in the way of the directory"}
+
+
+def write_error(path: str | os.PathLike, e: OSError, what: str = "cannot write") -> WriteError:
+    """One clear error for a failed write of `path`: what failed, the path, the cause in words."""
+    cause = _HINTS.get(e.errno) or e.strerror or str(e) or type(e).__name__
+    err = WriteError(e.errno, f"{what} {path}: {cause}")
+    err.filename = os.fspath(path)
+    return err
+
+
+class _WriteRecorder:
+    """The temp file, remembering the OSError a write raised: torch.save turns it into a RuntimeError about
+    stream positions, which names neither the path nor the cause."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:  # a file named like a directory of the path
+        raise write_error(path.parent, OSError(errno.ENOTDIR, str(e)), "cannot create directory") from None
+    except OSError as e:
+        raise write_error(path.parent, e, "cannot create directory") from None
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
-    """Write via ``write(fileobj)`` into a temp file next to ``path``, fsync, then ``os.replace``."""
+    """Write via ``write(fileobj)`` into a temp file next to ``path``, fsync, then ``os.replace``. When anything
+    fails (disk full part-way, no permission) the temp file is removed, the previous ``path`` is left as it was
+    and the error is a :class:`WriteError` naming ``path``."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"cannot write {path}: it is a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _make_parent(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise write_error(path, e) from None
+    rec = None
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            rec = _WriteRecorder(f)
+            write(rec)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        cause = (rec.error if rec is not None else None) or (e if isinstance(e, OSError) else None)
+        if cause is not None and not isinstance(e, KeyboardInterrupt):
+            raise write_error(path, cause) from e
         raise
     _fsync_dir(path.parent)
     return path

@@ -354,7 +354,9 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
              argv: Sequence[str] | None = None) -> Any:
     """Parse arguments (with ``-c`` config) and run ``main(args)``.
 
-    ValueError / FileNotFoundError → ``error: <message>`` on stderr, exit code 2; KeyboardInterrupt → exit 130.
+    ValueError / FileNotFoundError → ``error: <message>`` on stderr, exit code 2; any other OSError (disk full,
+    an output path that cannot be created or written: `modules.checkpoint.WriteError` names it) → one
+    ``error:`` line, exit code 1; KeyboardInterrupt → exit 130.
     Command-line errors (unknown flag, invalid choice, ...) are one ``error:`` line with exit code 2 as well.
     SIGTERM raises :class:`Terminated` in the main thread (cleanup runs) → ``error: terminated (SIGTERM)``,
     exit code 143. Tracebacks only with ``--debug``. An int returned by ``main`` becomes the exit code.
@@ -386,6 +388,11 @@ def run_main(main: Callable[[argparse.Namespace], Any], parser: argparse.Argumen
             traceback.print_exc()
         print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # the machine, not the input: a full disk, an output path that cannot be written
+        if debug:
+            traceback.print_exc()
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(1)
     finally:
         if installed:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if old_term is None else old_term)

@@ -235,13 +235,60 @@ def split_holdout(dataset: Dataset, holdout_size: int, seed: int = 0,
 
 
 # --------------------------------------------------------------------------- loaders
+class SeededSamples(Dataset):
+    """``dataset`` whose random augmentation of sample i in epoch e is drawn from a torch RNG seeded with
+    (seed, e, i): the same whichever rank, DataLoader worker or resumed run loads it. The global RNG is left
+    as it was."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, int(seed), 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(index))
+            return self.dataset[index]
+
+    def __getattr__(self, name: str):  # e.g. .classes / .samples of the wrapped ImageFolder
+        # not dunders: a Subset's __getitems__ (batched fetch) would bypass the per-sample seeds
+        if name == "dataset" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class EpochSampler(DistributedSampler):
+    """This rank's share of a (seed, epoch) permutation (DistributedSampler's split; rank 0 of 1 without a
+    process group) that can start part-way: after ``start_at(n)`` the next epoch begins at its n-th sample, so a
+    run resumed at step k loads batches k, k+1, ... without loading the first k again."""
+
+    def __init__(self, dataset: Dataset, shuffle: bool, seed: int, drop_last: bool, distributed: bool):
+        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        self.start = 0
+
+    def start_at(self, sample: int) -> None:
+        self.start = int(sample)
+
+    def __iter__(self):
+        start, self.start = self.start, 0  # once: the epoch after a resumed one is whole again
+        return iter(list(super().__iter__())[start:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
 def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 0, distributed: bool = False,
                  seed: int = 0, drop_last: bool | None = None) -> DataLoader:
-    """DataLoader with deterministic shuffling (train) and a DistributedSampler when ``distributed``.
+    """DataLoader with deterministic shuffling (train: an :class:`EpochSampler`, split over the ranks when
+    ``distributed``; augmentation seeded per sample by :class:`SeededSamples`).
 
-    Call :func:`set_loader_epoch` before each epoch so the order depends on (seed, epoch) only, which makes
-    resumed runs see the same batches. ``drop_last`` defaults to ``train`` when the dataset holds more than one
-    batch (BatchNorm in training mode cannot take a batch of one).
+    Call :func:`set_loader_epoch` before each epoch so the batches depend on (seed, epoch) only, and
+    :func:`start_loader_at` to resume mid-epoch without loading the batches done. ``drop_last`` defaults to
+    ``train`` when the dataset holds more than one batch (BatchNorm in training mode cannot take a batch of one).
+    Memory is pinned when CUDA is available. Workers are started per epoch (not persistent): they must see the
+    epoch set by `set_loader_epoch` for the augmentation seeds.
     """
     if int(batch_size) < 1:
         raise ValueError(f"batch size {batch_size}: expected a positive integer")
@@ -249,25 +296,34 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 
         raise ValueError("cannot build a loader over an empty dataset")
     if drop_last is None:
         drop_last = bool(train) and len(dataset) > batch_size
-    sampler = None
-    generator = torch.Generator().manual_seed(int(seed))
-    if distributed and dist.is_dist_avail_and_initialized():
-        sampler = DistributedSampler(dataset, num_replicas=dist.get_world_size(), rank=dist.get_rank(),
-                                     shuffle=bool(train), seed=int(seed), drop_last=bool(train))
-    loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=bool(train) and sampler is None,
-                        sampler=sampler, num_workers=int(workers), drop_last=drop_last, generator=generator,
-                        persistent_workers=False, pin_memory=torch.cuda.is_available())
+    distributed = distributed and dist.is_dist_avail_and_initialized()
+    if train:
+        dataset = SeededSamples(dataset, seed)
+        sampler = EpochSampler(dataset, shuffle=True, seed=int(seed), drop_last=True, distributed=distributed)
+    elif distributed:
+        sampler = EpochSampler(dataset, shuffle=False, seed=int(seed), drop_last=False, distributed=True)
+    else:
+        sampler = None
+    loader = DataLoader(dataset, batch_size=int(batch_size), sampler=sampler, num_workers=int(workers),
+                        drop_last=drop_last, persistent_workers=False, pin_memory=torch.cuda.is_available())
     loader.base_seed = int(seed)
     return loader
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
-    """Make the shuffling order of ``loader`` a function of (seed, epoch) (DistributedSampler or generator)."""
+    """Make the order and augmentation of ``loader``'s batches a function of (seed, epoch)."""
     if isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(int(epoch))
-    generator = getattr(loader, "generator", None)
-    if generator is not None:
-        generator.manual_seed(getattr(loader, "base_seed", 0) * 1_000_003 + int(epoch))
+    if isinstance(loader.dataset, SeededSamples):
+        loader.dataset.epoch = int(epoch)
+
+
+def start_loader_at(loader: DataLoader, batch: int) -> None:
+    """The next pass over ``loader`` (a train loader) starts at batch ``batch`` of its epoch: a mid-epoch resume
+    that does not load the batches already done."""
+    if not isinstance(loader.sampler, EpochSampler):
+        raise ValueError("start_loader_at needs a train loader of build_loader")
+    loader.sampler.start_at(int(batch) * int(loader.batch_size))
 
 
 def calib_batches(loader: DataLoader, num_batches: int) -> Iterator[Any]:

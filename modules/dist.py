@@ -7,7 +7,9 @@ Launch multi-process runs with ``torchrun --nproc_per_node=N script.py ...`` (or
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Callable
 
 import torch
@@ -23,6 +25,9 @@ class DistInfo:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
+_rank_local_depth = 0  # > 0 inside `rank_local()`
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or value == "":
@@ -33,11 +38,14 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r}: expected an integer") from None
 
 
-def init_distributed_mode(device: str | None = None, backend: str | None = None) -> DistInfo:
+def init_distributed_mode(device: str | None = None, backend: str | None = None,
+                          timeout: timedelta | None = None) -> DistInfo:
     """Join the process group described by RANK / WORLD_SIZE / LOCAL_RANK (torchrun) if WORLD_SIZE > 1.
 
     ``device``: "cpu", "cuda" or None (= cuda when available). Returns a :class:`DistInfo`; without those
-    environment variables (a plain ``python script.py``) it is rank 0 of 1 and no process group is created.
+    environment variables (a plain ``python script.py``) it is rank 0 of 1 and no process group is created;
+    inside `rank_local()` it is rank 0 of 1 too, on this rank's own device (cuda:LOCAL_RANK).
+    ``timeout``: of the group's collectives (torch's default when None).
     """
     if device not in (None, "cpu", "cuda"):
         raise ValueError(f"device {device!r}: expected 'cpu' or 'cuda'")
@@ -51,22 +59,32 @@ def init_distributed_mode(device: str | None = None, backend: str | None = None)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"RANK={rank} / WORLD_SIZE={world_size} from the environment are inconsistent")
 
-    if use_cuda:
-        torch.cuda.set_device(local_rank % max(1, torch.cuda.device_count()))
-        dev = torch.device("cuda", torch.cuda.current_device())
-    else:
-        dev = torch.device("cpu")
+    dev = local_device("cuda" if use_cuda else "cpu")
 
-    if world_size == 1:
+    if world_size == 1 or _rank_local_depth:
         return DistInfo(rank=0, world_size=1, local_rank=0, distributed=False, device=dev)
 
     if not is_dist_avail_and_initialized():
         if not dist.is_available():
             raise ValueError("WORLD_SIZE > 1 but this torch build has no torch.distributed support")
         backend = backend or ("nccl" if use_cuda else "gloo")
-        dist.init_process_group(backend=backend, init_method="env://", world_size=world_size, rank=rank)
+        dist.init_process_group(backend=backend, init_method="env://", world_size=world_size, rank=rank,
+                                **({"timeout": timeout} if timeout is not None else {}))
         barrier()
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, distributed=True, device=dev)
+
+
+def local_device(device: str | torch.device | None) -> torch.device:
+    """This process's device for ``device`` ("cpu", "cuda", "cuda:N", None = cuda when available): "cuda" is the
+    GPU of LOCAL_RANK (torchrun), made the current one. For work that needs no process group (LUT files)."""
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but CUDA is not available on this machine; use --device cpu")
+    index = dev.index if dev.index is not None else _env_int("LOCAL_RANK", 0) % max(1, torch.cuda.device_count())
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def destroy_distributed() -> None:
@@ -75,7 +93,21 @@ def destroy_distributed() -> None:
 
 
 def is_dist_avail_and_initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    """A process group exists and this code is not inside `rank_local()`. Every helper here (and the loops
+    that reduce over ranks) asks this, so inside `rank_local()` they act as in a single process."""
+    return _rank_local_depth == 0 and dist.is_available() and dist.is_initialized()
+
+
+@contextmanager
+def rank_local():
+    """Work this rank does on its own share (its subnets, its students): no collectives inside, every helper
+    acts as rank 0 of 1, so the rank writes the files of its share itself. Ranks meet again outside."""
+    global _rank_local_depth
+    _rank_local_depth += 1
+    try:
+        yield
+    finally:
+        _rank_local_depth -= 1
 
 
 def get_rank() -> int:
@@ -149,3 +181,28 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     holder = [obj]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects). [obj] without a group."""
+    if not is_dist_avail_and_initialized():
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def map_over_ranks(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    """``[fn(x) for x in items]`` with the items split over the ranks (rank r computes items r, r + N, ...) and
+    the results gathered, in order, on every rank. Every rank must call it with the same items; ``fn`` must not
+    use collectives (the ranks run different items). Without a process group it is a plain loop."""
+    world, rank = get_world_size(), get_rank()
+    with rank_local():
+        mine = [fn(x) for x in items[rank::world]]
+    if world == 1:
+        return mine
+    gathered = all_gather_object(mine)
+    out: list[Any] = [None] * len(items)
+    for r, results in enumerate(gathered):
+        out[r::world] = results
+    return out

@@ -1,6 +1,7 @@
 """Training and evaluation loops shared by block KD, supernet training, subnet search and fine-tuning."""
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import signal
@@ -11,8 +12,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modules.dist import all_reduce_mean
+from modules.dist import all_reduce_mean, is_dist_avail_and_initialized
 from modules.lsq import quant_parameters
+
+
+AMP_MODES = ("off", "bf16", "fp16")
+
+
+def amp_autocast(mode: str, device: str | torch.device):
+    """The autocast region of `--amp` for forward passes and losses: bf16 (CPU or CUDA) or fp16 (CUDA only, with
+    `amp_grad_scaler`); "off" is a no-op. LSQ+ quantizers leave it and run in float32 (`modules.lsq`)."""
+    if mode not in AMP_MODES:
+        raise ValueError(f"--amp {mode!r}: expected one of {', '.join(AMP_MODES)}")
+    if mode == "off":
+        return contextlib.nullcontext()
+    dev = torch.device(device)
+    if mode == "fp16" and dev.type != "cuda":
+        raise ValueError(f"--amp fp16 needs a CUDA device (got {dev}); use --amp bf16 on the CPU")
+    return torch.autocast(dev.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
+
+
+def amp_grad_scaler(mode: str):
+    """A GradScaler for --amp fp16 (fp16 gradients underflow without loss scaling), else None."""
+    return torch.amp.GradScaler("cuda") if mode == "fp16" else None
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -94,7 +116,7 @@ def evaluate_top1(model: nn.Module, loader: Iterable, device="cpu", max_batches:
         correct[0] += (logits.argmax(1).cpu() == labels).sum().item()
         correct[1] += labels.numel()
     model.train(was_training)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if is_dist_avail_and_initialized():
         torch.distributed.all_reduce(correct)
     if correct[1] == 0:
         raise ValueError("evaluation got no batches: the validation loader is empty")
@@ -139,7 +161,7 @@ def build_warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warm
 
 
 def _dist_on() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+    return is_dist_avail_and_initialized()
 
 
 @torch.no_grad()

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import random
 import sys
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -50,12 +48,21 @@ class Record:
         return {"key": self.key, "score": self.score, "info": self.info, "parent": self.parent}
 
 
+def _record(key: str, out) -> Record:
+    score, info = (out if isinstance(out, tuple) else (out, {}))
+    return Record(key, float(score), dict(info))
+
+
 class Evolution:
     def __init__(self, fitness: Callable, encode: Callable[[Any], str] = str, decode: Callable[[str], Any] = None,
                  is_valid: Callable[[Any], bool] | None = None, seed: int = 0, max_tries: int = 100,
                  state_path: str | None = None, save_interval: float = 30.0, progress: bool = True,
-                 config: dict | None = None, log: Callable[[str], None] | None = None):
+                 config: dict | None = None, log: Callable[[str], None] | None = None,
+                 fitness_many: Callable[[list], list] | None = None, batch_size: int = 1):
         self.fitness, self.encode, self.decode, self.is_valid = fitness, encode, decode, is_valid
+        # fitness_many(cands) -> [fitness(c) for c in cands], e.g. spread over ranks; `evaluate_many` calls it
+        # with up to `batch_size` candidates at a time (the state can be saved between the calls)
+        self.fitness_many, self.batch_size = fitness_many, max(1, int(batch_size))
         self.rng = random.Random(seed)
         self.max_tries = max_tries
         self.state_path, self.save_interval = state_path, save_interval
@@ -76,13 +83,16 @@ class Evolution:
     def __contains__(self, key: str) -> bool:
         return key in self.by_key
 
-    def new_candidate(self, make: Callable[[random.Random], Any], max_tries: int | None = None) -> Any:
-        """Call `make(rng)` until it returns a valid candidate not in the history; None after max_tries."""
+    def new_candidate(self, make: Callable[[random.Random], Any], max_tries: int | None = None,
+                      pending: set | frozenset = frozenset()) -> Any:
+        """Call `make(rng)` until it returns a valid candidate neither in the history nor in `pending` (keys
+        drawn but not evaluated yet); None after max_tries."""
         for _ in range(self.max_tries if max_tries is None else max_tries):
             cand = make(self.rng)
             if cand is None or (self.is_valid is not None and not self.is_valid(cand)):
                 continue
-            if self.encode(cand) not in self.by_key:
+            key = self.encode(cand)
+            if key not in self.by_key and key not in pending:
                 return cand
         return None
 
@@ -93,9 +103,27 @@ class Evolution:
             return None
         rec = self.cache.pop(key, None)
         if rec is None:
-            out = self.fitness(cand)
-            score, info = (out if isinstance(out, tuple) else (out, {}))
-            rec = Record(key, float(score), dict(info))
+            rec = _record(key, self.fitness(cand))
+        return self._append(rec, cand, parent)
+
+    def evaluate_many(self, cands: list) -> list[Record]:
+        """Evaluate distinct new candidates (none in the history) and append them in order, `batch_size` at a
+        time through `fitness_many` (one at a time through `fitness` without it). Candidates are drawn before
+        any of them is evaluated, which changes nothing: drawing never depends on a score."""
+        out = []
+        for i in range(0, len(cands), self.batch_size):
+            chunk = cands[i:i + self.batch_size]
+            todo = [c for c in chunk if self.encode(c) not in self.cache]
+            scores = (self.fitness_many(todo) if self.fitness_many else [self.fitness(c) for c in todo]) if todo \
+                else []
+            fresh = {self.encode(c): _record(self.encode(c), o) for c, o in zip(todo, scores)}
+            for c in chunk:
+                key = self.encode(c)
+                out.append(self._append(self.cache.pop(key, None) or fresh[key], c, None))
+        return out
+
+    def _append(self, rec: Record, cand: Any, parent: Record | None) -> Record:
+        key = rec.key
         rec.parent = parent.key if parent is not None else None
         rec.index, rec.cand = len(self.history), cand
         self.history.append(rec)
@@ -154,13 +182,9 @@ class Evolution:
                 "stop_reason": self.stop_reason}
 
     def save(self, path: str | None = None) -> None:
-        path = path or self.state_path
-        d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=d)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.state_dict(), f)
-        os.replace(tmp, path)
+        from modules.checkpoint import atomic_write_text
+
+        atomic_write_text(path or self.state_path, json.dumps(self.state_dict()))
         self._last_save = time.monotonic()
 
     def load_state_dict(self, state: dict) -> None:
@@ -294,29 +318,56 @@ def topk_evolution(evo: Evolution, *, random_candidate: Callable, mutate: Callab
     return st["best"]
 
 
+def _fill_many(evo: Evolution, population: list, target: int, random_candidate, state: dict) -> None:
+    """Top the population up to `target` with new random candidates, drawn first, then evaluated together."""
+    cands, pending = [], set()
+    while len(population) + len(cands) < target:
+        cand = evo.new_candidate(random_candidate, pending=pending)
+        if cand is None:
+            evo.stop(f"no new random candidate in {evo.max_tries} tries: the space looks exhausted "
+                     f"(population {len(population) + len(cands)} < {target})")
+            break
+        cands.append(cand)
+        pending.add(evo.encode(cand))
+    population += evo.evaluate_many(cands)
+    state["population"] = [r.key for r in population]
+    evo.mark_boundary(state)
+
+
+def _children(evo: Evolution, parents: list, mutate, crossover, num_mutations: int, num_crossovers: int,
+              max_crossover_tries: int) -> list:
+    """The iteration's new candidates (distinct, not yet evaluated), in the order they are drawn."""
+    cands, pending = [], set()
+
+    def add(cand):
+        if cand is not None:
+            cands.append(cand)
+            pending.add(evo.encode(cand))
+
+    for _ in range(num_mutations):
+        add(evo.new_candidate(lambda rng: mutate(rng.choice(parents).cand, rng), pending=pending))
+    for _ in range(num_crossovers):
+        cand = None
+        if len(parents) >= 2:
+            a, b = evo.rng.sample(parents, 2)
+            cand = evo.new_candidate(lambda rng: crossover(a.cand, b.cand, rng), max_crossover_tries, pending)
+        else:
+            a = parents[0]
+        if cand is None:
+            cand = evo.new_candidate(lambda rng: mutate(a.cand, rng), pending=pending)
+        add(cand)
+    return cands
+
+
 def _topk_steps(evo, st, population, random_candidate, mutate, crossover, population_size, parent_size,
                 iterations, num_mutations, num_crossovers, max_crossover_tries):
     if st["iteration"] == 0:
-        _fill(evo, population, population_size, sys.maxsize, random_candidate, st)
+        _fill_many(evo, population, population_size, random_candidate, st)
     while st["iteration"] < iterations and evo.stop_reason is None and population:
         parents = sorted(population, key=lambda r: (-r.score, r.index))[:parent_size]
         st["best"].append({"iteration": st["iteration"], "key": parents[0].key, "score": parents[0].score})
-        children = []
-        for _ in range(num_mutations):
-            cand = evo.new_candidate(lambda rng: mutate(rng.choice(parents).cand, rng))
-            if cand is not None:
-                children.append(evo.evaluate(cand))
-        for _ in range(num_crossovers):
-            cand = None
-            if len(parents) >= 2:
-                a, b = evo.rng.sample(parents, 2)
-                cand = evo.new_candidate(lambda rng: crossover(a.cand, b.cand, rng), max_crossover_tries)
-            else:
-                a = parents[0]
-            if cand is None:
-                cand = evo.new_candidate(lambda rng: mutate(a.cand, rng))
-            if cand is not None:
-                children.append(evo.evaluate(cand))
+        children = evo.evaluate_many(_children(evo, parents, mutate, crossover, num_mutations, num_crossovers,
+                                               max_crossover_tries))
         st["iteration"] += 1
         population = parents + children
         st["population"] = [r.key for r in population]

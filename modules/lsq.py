@@ -29,6 +29,7 @@ and the same straight-through gradients, in about half the time (issue 7: LSQ+ s
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -250,9 +251,26 @@ def quantize_weight(w, scale, qmin: int, qmax: int, g: float = 1.0):
 
 
 def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    from modules.dist import is_dist_avail_and_initialized  # not inside dist.rank_local(): ranks on other nets
+
+    if is_dist_avail_and_initialized():
         torch.distributed.all_reduce(t, op=op)
     return t
+
+
+def _fp32(forward):
+    """Run a quantizer's forward in float32, outside autocast (mixed precision): the LSQ+ grid (scale x
+    integer levels, the rounding, the gradient masks at the clip points) needs float32; a bf16 input is
+    widened first. The quantized tensor stays float32; the next conv / linear casts it for its own kernel."""
+    @functools.wraps(forward)
+    def wrapped(self, x):
+        if not self.enabled:
+            return x
+        if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+            return forward(self, x)
+        with torch.autocast(x.device.type, enabled=False):
+            return forward(self, x.float())
+    return wrapped
 
 
 class _Quantizer(nn.Module):
@@ -303,14 +321,24 @@ class ActQuantizer(_Quantizer):
         self.offset.copy_(lo)
         self.initialized.fill_(True)
 
+    @_fp32
     def forward(self, x):
         if not self.enabled:
             return x
         if not self.initialized:
             self.init_from(x)
+        if self.integer_zero_point and not self.training:
+            return self.fake_quant_as_deployed(x)
         g = 1.0 / math.sqrt(x.numel() // x.shape[0] * (self.qmax - self.qmin)) if self.training else 1.0
         scale, offset = self._constrained()
         return quantize_activation(x, scale, offset, self.qmin, self.qmax, self.integer_zero_point, g)
+
+    def fake_quant_as_deployed(self, x):
+        """The backend presets' eval mode: torch's fake-quant op with the integer (scale, zero point), the op the
+        deployed model runs. It rounds x * (1/s); x / s, as training computes, rounds differently at a few
+        values per million, and each such flip travels through the network (~1 % of the logits)."""
+        s, zp = self.qparams()
+        return torch.fake_quantize_per_tensor_affine(x, s, zp, self.qmin, self.qmax)
 
     def _constrained(self):
         """(scale, offset) with the `unsigned` / `max_value` constraints of the backend presets applied."""
@@ -367,6 +395,7 @@ class WeightQuantizer(_Quantizer):
         self.scale.copy_((m / self.qmax).clamp_min(1e-7))
         self.initialized.fill_(True)
 
+    @_fp32
     def forward(self, w):
         """w: the active (sliced) weight; its first dim indexes the first w.shape[0] channels."""
         if not self.enabled:

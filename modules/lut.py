@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -61,18 +60,10 @@ def format_lut_row(sub_stage: str | Sequence[tuple], cin: int, hw: int, nsr: flo
 
 def write_lut_file(path: str, rows: Iterable[str | Sequence]) -> None:
     """Write rows (formatted lines, or argument tuples for `format_lut_row`) atomically (temp + rename)."""
+    from modules.checkpoint import atomic_write_text
+
     lines = [r if isinstance(r, str) else format_lut_row(*r) for r in rows]
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "w", newline="\n") as f:
-            f.write("".join(line + "\n" for line in lines))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 # ---------------------------------------------------------------------------------------- reading

@@ -91,6 +91,8 @@ class FixedQuantizer(TensorQuantizer):
     def forward(self, x):
         if not backend_active(self):
             return x
+        if not self.training:
+            return self.fake_quant_as_deployed(x)
         return quantize_activation(x, x.new_full((1,), self.step), x.new_zeros(1), self.qmin, self.qmax, True)
 
     def qparams(self) -> tuple[float, int]:

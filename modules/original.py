@@ -278,3 +278,20 @@ def _neutral(key: str, shape: tuple) -> torch.Tensor:
         return torch.full(shape, _INITIAL_SCALARS[name])
     one = name == "running_var" or key.endswith("norm.weight")
     return torch.ones(shape) if one else torch.zeros(shape)
+
+
+def find_released_checkpoint(output_dir, supernet_name: str, encoding: str, quant_mode: str):
+    """The supernet checkpoint of a released model where the original keeps it,
+    ``<output_dir>/supernet_training/<supernet name>/{checkpoint,lsq}.pth`` (our own names for that directory
+    work too); FileNotFoundError saying where to put the released file."""
+    from pathlib import Path
+
+    from modules.subnet_search import find_supernet_checkpoint
+
+    try:
+        return find_supernet_checkpoint(output_dir, encoding, quant_mode)
+    except FileNotFoundError:
+        name = "lsq.pth" if quant_mode == "lsq" else "checkpoint.pth"
+        where = Path(output_dir) / "supernet_training" / supernet_name / name
+        raise FileNotFoundError(f"no checkpoint of {supernet_name}: put the released {supernet_name} {name} at "
+                                f"{where}") from None

@@ -135,11 +135,18 @@ class SubnetSpace:
 
 
 def resolve_subnet(space: SubnetSpace, text: str) -> SubnetConfig:
-    """"max", "min", a subnet encoding, or a JSON file with a "subnet" key (e.g. search_subnet's best.json,
-    whose "supernet" must then be this supernet)."""
+    """"max", "min", a published subnet's name (SEQnet@vnni-A0, of this supernet), a subnet encoding, or a JSON
+    file with a "subnet" key (e.g. search_subnet's best.json, whose "supernet" must then be this supernet)."""
+    from modules.named_models import get_named_model, model_names
+
     text = str(text).strip()
     if text in ("max", "min"):
         return space.extreme(text == "max")
+    if text in model_names():
+        m = get_named_model(text)
+        if m.kind != "subnet" or m.supernet != str(space.choice):
+            raise ValueError(f"{text} is not a subnet of {space.choice}")
+        return space.decode(m.subnet)
     if text.endswith(".json"):
         path = Path(text)
         if not path.is_file():
@@ -272,16 +279,61 @@ def build_eval_batches(data_dir: str | os.PathLike, image_size: int, *, split: s
     if max_eval_images is not None and max_eval_images < len(eval_ds):
         eval_ds = Subset(eval_ds, list(range(int(max_eval_images))))
     val_loader = build_loader(eval_ds, batch_size, train=False, workers=workers)
-    nbytes = len(eval_ds) * 3 * image_size * image_size * 4
+    nbytes = len(eval_ds) * 3 * image_size * image_size  # kept as uint8 pixels
     if nbytes <= cache_limit_gb * 2**30:
-        val = [(x, y) for x, y in val_loader]
+        val = PixelBatches(val_loader)
         cached = True
     else:
-        log(f"evaluation set of {len(eval_ds)} images ({nbytes / 2**30:.1f} GB) exceeds --cache_limit_gb "
+        log(f"evaluation set of {len(eval_ds)} images ({nbytes / 2**30:.1f} GB as uint8) exceeds --cache_limit_gb "
             f"{cache_limit_gb}: it is re-read for every evaluation")
         val, cached = val_loader, False
     info.update({"split": split, "eval_images": len(eval_ds), "eval_cached": cached})
     return calib, val, info
+
+
+class PixelBatches:
+    """Evaluation batches [(images, labels)] kept in memory as uint8 pixels (a quarter of float32: 10k images at
+    224 px take 1.4 GiB) and normalised when iterated, with the very operations of the eval transform (ToTensor's
+    /255, then Normalize), so the images are bitwise those of the loader. A batch whose pixels do not round-trip
+    (another normalisation) is kept as float."""
+
+    def __init__(self, batches: Iterable):
+        from modules.data import IMAGENET_MEAN, IMAGENET_STD
+
+        self.mean = torch.tensor(IMAGENET_MEAN).view(1, -1, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(1, -1, 1, 1)
+        self.batches = [(self._pixels(x), y) for x, y in batches]
+
+    def _pixels(self, x: torch.Tensor) -> torch.Tensor:
+        u8 = (x * self.std + self.mean).mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+        return u8 if torch.equal(self._normalise(u8), x) else x
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.uint8:
+            return x
+        return x.float().div(255).sub_(self.mean).div_(self.std)
+
+    def __iter__(self):
+        for x, y in self.batches:
+            yield self._normalise(x), y
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x, _ in self.batches)
+
+
+class _Resized:
+    """`batches` resized to `resolution` as they are iterated (no copy kept)."""
+
+    def __init__(self, batches: Iterable, resolution: int):
+        self.batches, self.resolution = batches, resolution
+
+    def __iter__(self):
+        for x, y in self.batches:
+            yield resize_batch(x, self.resolution), y
 
 
 def resize_batch(x: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -312,12 +364,13 @@ class SubnetEvaluator:
         if resolution in self._resized:
             return self._resized[resolution]
         calib = [resize_batch(x, resolution) for x in self.calib]
-        val = self.val
-        if isinstance(self.val, list):
-            val = [(resize_batch(x, resolution), y) for x, y in self.val]
-        size = sum(x.numel() * x.element_size() for x in calib)
-        if isinstance(val, list):
-            size += sum(x.numel() * x.element_size() for x, _ in val)
+        val, size = self.val, sum(x.numel() * x.element_size() for x in calib)
+        if isinstance(val, (list, PixelBatches)):  # in memory: resized float copies kept while they fit
+            val = _Resized(val, resolution)
+            n = sum(len(y) for _, y in getattr(self.val, "batches", self.val))
+            val_bytes = n * 3 * resolution * resolution * 4
+            if self._bytes + size + val_bytes <= self.cache_limit:
+                val, size = list(val), size + val_bytes
         if self._bytes + size <= self.cache_limit:
             self._resized[resolution] = (calib, val)
             self._bytes += size
@@ -411,6 +464,7 @@ def run_subnet_search(space: SubnetSpace, lat: LatencyOracle, evaluator: Callabl
     `evaluator(cfg) -> top-1` is only called for in-window candidates. `fitness_cache` (key -> top-1) may be
     shared between targets. With `resume` and an existing `state_path`, the saved search continues and ends
     exactly where an uninterrupted run ends."""
+    from modules.dist import broadcast_object, get_world_size, is_main_process, map_over_ranks
     from modules.evolution import Evolution, topk_evolution
 
     settings = settings or SearchSettings()
@@ -424,26 +478,27 @@ def run_subnet_search(space: SubnetSpace, lat: LatencyOracle, evaluator: Callabl
     def in_window(cfg: SubnetConfig) -> bool:
         return lo <= lat(cfg) <= hi
 
-    def fitness(cfg: SubnetConfig):
-        key = str(cfg)
-        acc = fitness_cache.get(key)
-        if acc is None:
-            acc = float(evaluator(cfg))
-            fitness_cache[key] = acc
+    def fitness_many(cfgs: list[SubnetConfig]) -> list:
+        """The candidates not scored yet are spread over the ranks; every rank gets every score."""
+        todo = [c for c in cfgs if str(c) not in fitness_cache]
+        for c, acc in zip(todo, map_over_ranks(lambda c: float(evaluator(c)), todo)):
+            fitness_cache[str(c)] = acc
         st = evo.driver_state
         # topk_evolution appends the iteration's best before making its children: 0 = initial population
         iteration = len(st.get("best", [])) if st else 0
-        return acc, {"latency": lat(cfg), "iteration": iteration}
+        return [(fitness_cache[str(c)], {"latency": lat(c), "iteration": iteration}) for c in cfgs]
 
     cfg = {"supernet": str(space.choice), "hw_list": list(space.hw_list), "target": target, "delta": delta,
            "platform": platform, "seed": seed,
            **{k: v for k, v in asdict(settings).items() if k not in ("iterations", "max_tries")}}
     cfg.update(config or {})
-    evo = Evolution(fitness, encode=str, decode=space.decode, is_valid=in_window, seed=seed,
-                    max_tries=settings.max_tries, state_path=str(state_path) if state_path else None,
-                    save_interval=save_interval, progress=progress, config=cfg, log=log)
+    main = is_main_process()  # every rank runs the same evolution; rank 0 alone writes its state
+    evo = Evolution(lambda c: fitness_many([c])[0], encode=str, decode=space.decode, is_valid=in_window, seed=seed,
+                    max_tries=settings.max_tries, state_path=str(state_path) if state_path and main else None,
+                    save_interval=save_interval, progress=progress and main, config=cfg, log=log,
+                    fitness_many=fitness_many, batch_size=get_world_size())
     resumed = False
-    if state_path and os.path.isfile(state_path):
+    if state_path and broadcast_object(os.path.isfile(state_path)):
         if not resume:
             raise ValueError(f"{state_path} exists: pass --resume to continue that search, or --fresh to start over")
         evo.load(str(state_path))
@@ -506,14 +561,18 @@ def _ckpt_meta(ckpt: dict, *names: str):
     return None
 
 
-def _state_of(ckpt: Any, path) -> dict:
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
-        state = ckpt["model"]
-    elif isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
-        state = ckpt["state_dict"]
-    else:
-        raise ValueError(f"checkpoint {path}: expected a dict with a 'model' state dict")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+def state_dict_of(ckpt: Any, path) -> dict:
+    """The state dict of a loaded checkpoint: under ``model`` (ours), ``state_dict`` (the original's) or bare;
+    ``module.`` prefixes (DDP) removed."""
+    from modules.checkpoint import strip_module_prefix
+
+    if isinstance(ckpt, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(ckpt.get(key), dict):
+                return strip_module_prefix(ckpt[key])
+        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            return strip_module_prefix(ckpt)
+    raise ValueError(f"checkpoint {path}: expected a state dict, bare or under 'model' / 'state_dict'")
 
 
 def _state_quant(state: dict) -> tuple[str, str | None]:
@@ -602,7 +661,7 @@ def load_supernet_checkpoint(path: str | os.PathLike, encoding: str | None = Non
     log = log or (lambda msg: print(msg, file=sys.stderr))
     path = Path(path)
     ckpt = load_checkpoint(path)
-    state = _state_of(ckpt, path)
+    state = state_dict_of(ckpt, path)
     if is_original_state(state):
         net, mode, preset = _load_original(ckpt, state, path, encoding)
     else:
@@ -738,6 +797,19 @@ def save_subnet_checkpoint(subnet: nn.Module, path: str | os.PathLike, **extra) 
     ckpt = {"version": SUBNET_CKPT_VERSION, "config": subnet.config_dict(), "model": subnet.state_dict(),
             "quant_mode": mode, "quant_preset": preset, **extra}
     return atomic_save(ckpt, path)
+
+
+def extract_subnet(net: nn.Module, cfg: SubnetConfig | str, calib: list | None, device="cpu") -> tuple[nn.Module, int]:
+    """(standalone eval-mode subnet of supernet `net` with `cfg` active, BN calibration images seen): its BN
+    statistics recalibrated on the `calib` image batches (None keeps the supernet's), as the original does
+    before it evaluates or fine-tunes a subnet."""
+    from modules.engine import calibrate_bn
+
+    net.set_active_subnet(cfg)
+    seen = calibrate_bn(net, calib, len(calib), device) if calib else 0
+    sub = net.get_active_subnet(preserve_weight=True).eval()
+    sub.resolution = sub.active_resolution
+    return sub, seen
 
 
 def load_subnet_checkpoint(path: str | os.PathLike, device="cpu", num_classes: int | None = None,

@@ -94,3 +94,23 @@ def save_original_checkpoint(state: dict, path: Path, encoding: str, epoch: int 
         else:
             sys.modules[mod] = saved
     return path
+
+
+# ------------------------------------------------------------------ multi-process runs
+def run_ranks(argv: list[str], nproc: int, cwd: Path | None = None, timeout: float = 300, extra_env=None,
+              launcher: str = "torch.distributed.run"):
+    """Run ``argv`` (a script and its flags) as `nproc` ranks of `launcher` (torchrun's module, or the older
+    torch.distributed.launch, which appends --local-rank=N) on CPU (gloo, one thread each), or as a plain process
+    when `nproc` is 0. Returns the CompletedProcess; a failed run fails the test with its output."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), **(extra_env or {}))
+    launcher = [sys.executable] if nproc == 0 else \
+        [sys.executable, "-m", launcher, "--standalone", f"--nproc_per_node={nproc}"]
+    out = subprocess.run(launcher + [str(a) for a in argv], cwd=cwd or REPO_ROOT, env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    assert out.returncode == 0, f"{argv[0]} on {nproc} rank(s) failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out

@@ -215,3 +215,28 @@ def test_distributed_loader_two_ranks(tmp_path):
     assert all(r["mean"] == 0.5 and r["obj"] == 0 and r["inplace"] and r["sum"] == [3] for r in results)
     a, b = results[0]["seen"], results[1]["seen"]
     assert len(a) == len(b) == 10 and sorted(a + b) == list(range(20))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_resumed_at_step_k_gives_the_batches_k_on(digits_root, workers):
+    """A train loader started at batch k of an epoch (the mid-epoch resume, nothing before k loaded) yields
+    exactly batches k.. of the uninterrupted epoch: same images (random crops and flips included), same
+    labels; the epoch after it is whole again; the order depends on (seed, epoch)."""
+    from modules.data import build_dataset, build_loader, set_loader_epoch, start_loader_at
+
+    ds = torch.utils.data.Subset(build_dataset(digits_root, "train", train=True, image_size=16, hflip=True),
+                                 range(256))
+
+    def epoch(k: int = 0, e: int = 1, seed: int = 3):
+        loader = build_loader(ds, 32, train=True, workers=workers, seed=seed)
+        set_loader_epoch(loader, e)
+        start_loader_at(loader, k)
+        return list(loader), loader
+
+    full, _ = epoch()
+    resumed, loader = epoch(k=3)
+    assert len(full) > 5 and len(resumed) == len(full) - 3
+    for (xa, ya), (xb, yb) in zip(full[3:], resumed):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert torch.equal(next(iter(loader))[0], full[0][0])  # the next pass starts at batch 0 again
+    assert not torch.equal(epoch(e=2)[0][0][0], full[0][0]) and not torch.equal(epoch(seed=4)[0][0][0], full[0][0])

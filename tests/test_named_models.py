@@ -240,7 +240,9 @@ def test_eval_errors(tmp_path, digits_root, tiny_results, case):
         torch.save({"epoch": 1}, ckpt)
         argv, match = ["--model_name", "tinysub@test-A0", "--checkpoint", str(ckpt)], "expected a state dict"
     elif case == "dataset_without_checkpoint":
-        argv, match = ["--model_name", "tinysub@test-A0", "--dataset_path", str(digits_root)], "needs --checkpoint"
+        argv = ["--model_name", "tinysub@test-A0", "--dataset_path", str(digits_root), "--output_dir", str(tmp_path)]
+        match = (rf"put the released tinynet@test checkpoint.pth at {tmp_path}/supernet_training/tinynet@test/"
+                 r"checkpoint.pth \(or give --checkpoint\)")
     elif case == "nothing":
         argv, match = [], "--model_name NAME or --all"
     elif case == "all_with_checkpoint":
@@ -267,3 +269,14 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         esn.get_args_parser().parse_args(["--model_name", "SEQnet@vnni-A9"])
     assert exc.value.code == 2
     assert "invalid choice: 'SEQnet@vnni-A9'" in capsys.readouterr().err
+
+
+def test_a_published_subnet_by_name_where_a_subnet_is_taken():
+    from modules.encoding import parse_supernet
+    from modules.subnet_search import SubnetSpace, resolve_subnet
+
+    space = SubnetSpace(parse_supernet("onnxw-151122-023231"), (160, 176, 192, 208, 224))
+    m = nm.get_named_model("SEQnet@vnni-A0")
+    assert str(resolve_subnet(space, "SEQnet@vnni-A0")) == m.subnet
+    with pytest.raises(ValueError, match="not a subnet of onnxw-151122-023231"):
+        resolve_subnet(space, "SEQnet@pixel4-A0")

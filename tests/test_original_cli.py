@@ -260,14 +260,16 @@ def test_downstream_torchvision_dataset_from_disk_and_missing_one(tmp_path, monk
     assert not (tmp_path / "nowhere").exists() or not any((tmp_path / "nowhere").iterdir())
 
 
-def test_downstream_subnet_name_without_checkpoint_is_one_error(capsys):
+def test_downstream_subnet_name_without_checkpoint_is_one_error(capsys, tmp_path):
     import downstream_cls
 
     with pytest.raises(SystemExit) as e:
         run_main(downstream_cls.main, downstream_cls.get_args_parser(),
-                 ["--subnet_name", "SEQnet@vnni-A0", "--dataset", "CIFAR10", "--imagenet_path", "xxx"])
+                 ["--subnet_name", "SEQnet@vnni-A0", "--dataset", "CIFAR10", "--imagenet_path", "xxx",
+                  "--output_dir", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and "--subnet_ckpt" in err[0]
+    where = tmp_path / "supernet_training" / "spaceevo@vnni" / "lsq.pth"
+    assert e.value.code == 2 and len(err) == 1 and f"put the released spaceevo@vnni lsq.pth at {where}" in err[0]
 
 
 if __name__ == "__main__":
