@@ -78,7 +78,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nsr_eps", type=float, default=DEFAULT_NSR_EPS, help="(default: %(default)s)")
     parser.add_argument("--fp32_mode", action="store_true", help="use the fp32 checkpoint.pth, not lsq.pth")
     parser.add_argument("--latency_predictor", default="none",
-                        help="none (writes 0.0) or a platform of modules.latency_predictor, e.g. ort_int8, "
+                        help="none (writes 0.0) or a platform of modules.latency, e.g. ort_int8, "
                              "tflite_int8, macs (default: %(default)s)")
     parser.add_argument("--latency_table_dir", default=None,
                         help="latency tables (default: the predictor's, checkpoints/latency)")

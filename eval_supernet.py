@@ -15,7 +15,7 @@ name, subnet, resolution, top-1, MMACs, Mparams (+ predicted latency with --late
 `--mode lat` needs no checkpoint or data: predicted latency per platform of `--latency_predictor`
 (per block with `--verbose`), `--random N` random subnets for a latency CDF plot, and with `--measure` the
 latency measured on this machine for each measured platform (ort_int8, ort_fp32, tflite_int8, tflite_fp32;
-exported and timed as the predictor's table was, `modules.latency_predictor.measure_subnet`) and the
+exported and timed as the predictor's table was, `modules.latency.local.measure_subnet`) and the
 relative error of the prediction — written to ``lat.csv`` (and ``latency_cdf.png``).
 """
 from __future__ import annotations
@@ -155,8 +155,9 @@ def eval_acc(args, predictor_platforms: list[str], predictors: dict | None = Non
 # ------------------------------------------------------------------------------------------ latency
 def measure(model: torch.nn.Module, platform: str, predictor, args) -> float:
     """Measured latency (ms) of a standalone model on `platform`, exported and timed the way the latency
-    predictor's table was measured (`modules.latency_predictor.measure_subnet`, the predictor's settings)."""
-    from modules.latency_predictor import MeasureConfig, measure_subnet
+    predictor's table was measured (`modules.latency.local.measure_subnet`, the predictor's settings)."""
+    from modules.latency.local import measure_subnet
+    from modules.latency.timing import MeasureConfig
 
     mc = getattr(predictor, "mc", None)
     if not isinstance(mc, MeasureConfig):
@@ -184,7 +185,7 @@ def eval_lat(args, platforms: list[str], predictors: dict | None = None) -> dict
     header = ["name", "resolution", "MMACs"] + [f"pred_{p}_ms" for p in predictors]
     measured = []
     if args.measure:
-        from modules.latency_predictor import MEASURED_PLATFORMS
+        from modules.latency.keys import MEASURED_PLATFORMS
 
         measured = [p for p in predictors if p in MEASURED_PLATFORMS]
         if not measured:

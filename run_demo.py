@@ -84,7 +84,7 @@ class Demo:
         os.replace(tmp, self.state_path)
 
     def predictor(self):
-        from modules.latency_predictor import load_predictor
+        from modules.latency.predictor import load_predictor
 
         return load_predictor(self.args.platform, SUPERSPACE, str(self.out / "latency"))
 

@@ -233,7 +233,7 @@ def main(args) -> dict:
         raise ValueError("give either --fixed_latency_csv or --latency_predictor, not both")
     fixed = load_fixed_latency(args.fixed_latency_csv) if args.fixed_latency_csv else None
     if args.latency_predictor:
-        from modules.latency_predictor import load_predictor
+        from modules.latency.predictor import load_predictor
         predictor = load_predictor(args.latency_predictor, space.name, args.latency_table_dir)
         fixed = fixed_stage_latency(predictor, space)
         print("fixed-stage latency (ms) per resolution:", {r: round(v, 4) for r, v in fixed.items()})

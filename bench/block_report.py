@@ -5,13 +5,19 @@ float (DequantizeLinear -> op -> QuantizeLinear left in the optimised graph, `on
 Shapes: for each searchable stage (stage1..6) of a superspace at `--resolution`, a stride-1 block with
 cin = cout = the middle width of the stage, the smallest kernel and the middle expand ratio; plus the
 fixed blocks (first conv, stage0, head). Each block is the standalone model of the latency predictor
-(`modules.latency_predictor.block_model_bytes`: the graph torch exports; INT8 = ORT static
+(`modules.latency.models.block_model_bytes`: the graph torch exports; INT8 = ORT static
 quantization, uint8 activations, int8 per-channel weights, block-boundary Q/DQ cut as inside a
 network). FP32 and INT8 are timed in interleaved rounds on the thread's CPU time (1 thread), so the
 ratio is robust on a shared machine.
 
     python -m bench.block_report                                   # mobilew + onnxw at 224 px
     python -m bench.block_report --superspace onnxw --resolution 160 --output_dir checkpoints/reports
+
+With ``--table_dir DIR`` nothing is timed here: the FP32 and INT8 latency of each block come from the
+latency tables ``DIR/<runtime>_fp32.json`` and ``DIR/<runtime>_int8.json`` (table entry, else the
+regression), whichever runner filled them (this machine, a phone over adb, a host over ssh, a CSV):
+
+    python -m bench.block_report --table_dir checkpoints/pixel4/latency --runtime tflite --superspace mobilew
 
 Writes ``<output_dir>/block_report.csv`` and ``<output_dir>/block_report.png``.
 """
@@ -39,6 +45,8 @@ def get_args_parser():
     p.add_argument("--min_time", type=float, default=0.01, help="measured seconds per model and round (at least)")
     p.add_argument("--quant_format", default="qdq", choices=("qdq", "qoperator"))
     p.add_argument("--output_dir", default="./checkpoints/reports")
+    p.add_argument("--table_dir", default=None, help="read FP32 / INT8 block latencies from these latency tables")
+    p.add_argument("--runtime", default="ort", choices=("ort", "tflite"), help="with --table_dir: whose tables")
     return p
 
 
@@ -82,7 +90,7 @@ def typical_blocks(superspace: str, resolution: int) -> list[tuple[str, dict]]:
 
 def interleaved(fns: dict, rounds: int, runs: int, min_time: float) -> dict[str, float]:
     """Median over rounds of each callable's per-round median CPU time (ms); rounds alternate the callables."""
-    from modules.latency_predictor import time_callable
+    from modules.latency.timing import time_callable
 
     per = {k: [] for k in fns}
     for _ in range(rounds):
@@ -125,8 +133,28 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def block_times(args, sp: str):
+    """(stage, config, {"fp32": ms, "int8": ms}, int8 ONNX bytes or None) of the typical blocks: timed here, or
+    read from the latency tables of --table_dir."""
+    from modules.latency.models import block_model_bytes
+    from modules.latency.predictor import load_predictor
+    from modules.latency.sessions import ort_session, session_runner
+
+    preds = {k: load_predictor(f"{args.runtime}_{k}", sp, args.table_dir) for k in ("fp32", "int8")} \
+        if args.table_dir else None
+    for stage, cfg in typical_blocks(sp, args.resolution):
+        b8 = block_model_bytes(cfg, "ort_int8", args.quant_format) if args.runtime == "ort" else None
+        if preds:
+            yield stage, cfg, {k: p.block_latency(cfg) for k, p in preds.items()}, b8
+            continue
+        b32 = block_model_bytes(cfg, "ort_fp32")
+        fns = {k: session_runner(ort_session(b, 1), iobinding=True) for k, b in (("fp32", b32), ("int8", b8))}
+        yield stage, cfg, interleaved(fns, args.rounds, args.runs, args.min_time), b8
+
+
 def main(args):
-    from modules.latency_predictor import _ort_session, _session_runner, block_key, block_mmacs, block_model_bytes
+    from modules.latency.graph import block_mmacs
+    from modules.latency.keys import block_key
 
     spaces = args.superspace or ["mobilew", "onnxw"]
     os.makedirs(args.output_dir, exist_ok=True)
@@ -134,12 +162,8 @@ def main(args):
     t0 = time.time()
     rows = []
     for sp in spaces:
-        for stage, cfg in typical_blocks(sp, args.resolution):
-            b32 = block_model_bytes(cfg, "ort_fp32")
-            b8 = block_model_bytes(cfg, "ort_int8", args.quant_format)
-            fns = {k: _session_runner(_ort_session(b, 1), iobinding=True) for k, b in (("fp32", b32), ("int8", b8))}
-            ms = interleaved(fns, args.rounds, args.runs, args.min_time)
-            fl, n_int8, n_qdq = float_ops(b8)
+        for stage, cfg, ms, b8 in block_times(args, sp):
+            fl, n_int8, n_qdq = float_ops(b8) if b8 is not None else ("", "", "")
             row = {"superspace": sp, "stage": stage, "block": cfg["name"], "key": block_key(cfg),
                    "mmacs": f"{block_mmacs(cfg):.2f}", "fp32_ms": f"{ms['fp32']:.4f}", "int8_ms": f"{ms['int8']:.4f}",
                    "int8_speedup": f"{ms['fp32'] / ms['int8']:.3f}", "float_ops": fl, "int8_kernels": n_int8,

@@ -202,7 +202,7 @@ def verdict_line(runtime: str, delta: float, goal: float, met: bool, num_images:
 
 # ----------------------------------------------------------------------------------------------- measuring
 def _ort_runner(path, threads: int, precise=None):
-    from modules.deploy import ort_session
+    from modules.latency.sessions import ort_session
 
     sess = ort_session(path, threads, precise)
     i = sess.get_inputs()[0]
@@ -212,7 +212,7 @@ def _ort_runner(path, threads: int, precise=None):
 
 
 def _tflite_runner(path, threads: int):
-    from modules.benchmark import tflite_interpreter
+    from modules.latency.sessions import tflite_interpreter
 
     it = tflite_interpreter(path, threads)
     rng = np.random.default_rng(0)
@@ -272,6 +272,7 @@ def latency_section(args, mdir: Path) -> tuple[list[dict], str, str]:
     from modules import deploy
     from modules.engine import init_lsq_scales
     from modules.export import RandomCalibrationWarning, build_model_from_encoding, named_model_entry, quantize_onnx_int8
+    from modules.latency.sessions import ort_precise_default
     from modules.lsq import set_quant_mode
 
     e = named_model_entry(args.latency_model)
@@ -290,7 +291,7 @@ def latency_section(args, mdir: Path) -> tuple[list[dict], str, str]:
     f_int8 = deploy.export_onnx_int8(model, mdir / f"{stem}_int8.onnx", r, opset=args.opset)
     f_w7 = deploy.export_onnx_int8(models["ort_avx2"], mdir / f"{stem}_avx2_int8.onnx", r, opset=args.opset)
     f_fp32 = deploy.export_onnx_fp32(model, mdir / f"{stem}.onnx", r, opset=args.opset)
-    precise = deploy.ort_precise_default()
+    precise = ort_precise_default()
     rows = [("fp32 (BN folded)", "onnxruntime", "ort32", "ort32", f_fp32),
             ("learned scales, preset ort" + (", x64quantprecision" if precise else ""), "onnxruntime", "ort8", "ort32",
              f_int8),
@@ -325,6 +326,7 @@ def main(args):
     from modules import deploy
     from modules.data import DEFAULT_DATA_DIR, build_dataset, prepare_default_data
     from modules.export import RandomCalibrationWarning, quantize_onnx_int8
+    from modules.latency.sessions import ort_precise_default
     from modules.subnet_search import load_subnet_checkpoint
 
     torch.set_num_threads(max(1, args.threads))
@@ -362,7 +364,7 @@ def main(args):
         f_int8 = deploy.export_onnx_int8(model, mdir / f"{stem}_int8.onnx", res, opset=args.opset)
         f_fp32 = deploy.export_onnx_fp32(model, mdir / f"{stem}.onnx", res, opset=args.opset)
     runners = {"ort32": _ort_runner(f_fp32, args.threads), "ort8": _ort_runner(f_int8, args.threads)}
-    precise = deploy.ort_precise_default()
+    precise = ort_precise_default()
     rows.append(_row("learned scales (ours)" + (", x64quantprecision" if precise else ""), "onnxruntime",
                      deploy.run_onnx_batch(f_int8, x), labels, ref, top1_ref, "ort8", "ort32", f_int8))
     if precise:  # what the default (saturating u8 x s8) kernels of this CPU give

@@ -1,5 +1,5 @@
 """Random in-window subnet sampling with the latency predictor's forest: scikit-learn's ``predict`` against
-``modules.latency_predictor.FlatForest`` (the same trees as numpy arrays), side by side in one process.
+``modules.latency.regression.FlatForest`` (the same trees as numpy arrays), side by side in one process.
 
 Each new random subnet brings blocks missing from the latency table, so every draw costs one forest
 prediction; the subnet search draws thousands (its window check, initial population and random baseline).
@@ -23,7 +23,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modules import latency_predictor as lp  # noqa: E402
+from modules.latency.graph import block_features  # noqa: E402
+from modules.latency.keys import block_key, parse_block_key  # noqa: E402
+from modules.latency.predictor import load_predictor  # noqa: E402
+from modules.latency.regression import BlockRegressor  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -50,12 +53,12 @@ def _synthetic_regressor(seed: int):
         cfgs += net.block_configs()
     ms = [1e-3 * (c["hw"] ** 2) * c["cin"] * c["cout"] * c["kernel"] ** 2 / 1e5 * nrng.lognormal(0, 0.1) + 0.005
           for c in cfgs]
-    return lp.BlockRegressor().fit(cfgs, ms), cfgs
+    return BlockRegressor().fit(cfgs, ms), cfgs
 
 
 def _forest_rows(reg, cfgs: list[dict]) -> np.ndarray:
     """The forest's input rows for block configs (what BlockRegressor.predict_many feeds it)."""
-    F = np.stack([lp.block_features(c) for c in cfgs])
+    F = np.stack([block_features(c) for c in cfgs])
     return reg._forest_x(cfgs, F, reg._linear(cfgs, F))
 
 
@@ -71,9 +74,9 @@ def main(args) -> int:
     from modules.supernet import supernet_from_encoding
 
     if args.table_dir:
-        pred = lp.load_predictor(args.platform, args.supernet.split("-")[0], args.table_dir)
+        pred = load_predictor(args.platform, args.supernet.split("-")[0], args.table_dir)
         reg = pred.regressor()
-        cfgs = [c for c in (lp.parse_block_key(k) for k in list(pred.table)[:256]) if c]
+        cfgs = [c for c in (parse_block_key(k) for k in list(pred.table)[:256]) if c]
     else:
         pred = None
         reg, cfgs = _synthetic_regressor(args.seed)
@@ -95,7 +98,7 @@ def main(args) -> int:
         batches = []  # per random subnet: the forest rows of its blocks missing from the table
         for _ in range(args.subnets):
             net.set_active_subnet(space.random(rng))
-            miss = [c for c in net.block_configs() if lp.block_key(c) not in pred.table]
+            miss = [c for c in net.block_configs() if block_key(c) not in pred.table]
             if miss:
                 batches.append(_forest_rows(reg, miss))
         t_sk = _time(lambda: [reg.forest.predict(x) for x in batches], 1) / args.subnets

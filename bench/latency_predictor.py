@@ -60,6 +60,10 @@ def get_args_parser():
     p.add_argument("--min_runs", type=int, default=15, help="timed runs per block (at least)")
     p.add_argument("--min_time", type=float, default=0.03, help="measured seconds per block (at least)")
     p.add_argument("--rounds", type=int, default=6, help="shuffled timing rounds per block / model and pass")
+    p.add_argument("--max_rounds", type=int, default=10, help="more rounds while a minimum still falls by > 2 %%")
+    p.add_argument("--pin", type=int, default=1, help="1: the measuring thread stays on one CPU")
+    p.add_argument("--stat", default="min", choices=("min", "median"),
+                   help="statistic of the per-run times, blocks and whole models alike")
     p.add_argument("--model_runs", type=int, default=4, help="timed runs per whole model and round (at least)")
     p.add_argument("--model_time", type=float, default=0.05, help="measured seconds per whole model and round")
     p.add_argument("--model_batch", type=int, default=8, help="whole models built, then timed together")
@@ -70,6 +74,11 @@ def get_args_parser():
     p.add_argument("--torch_check", type=int, default=3, help="test models also timed via the torch export")
     p.add_argument("--ablation", type=int, default=10, help="test subnets whose blocks are also timed standalone")
     p.add_argument("--output_dir", default="./checkpoints/bench_latency")
+    p.add_argument("--device_runner", default="local", choices=("local", "ssh"),
+                   help="ssh: blocks and whole models timed on --ssh_host by modules.latency.remote_timer")
+    p.add_argument("--ssh_host", default=None)
+    p.add_argument("--remote_python", default=None, help="python on the ssh host (default python3)")
+    p.add_argument("--remote_dir", default=None, help="working directory on the ssh host")
     p.add_argument("--no_progress", action="store_true")
     return p
 
@@ -93,7 +102,7 @@ class State:
 
 
 def _whole(cfgs, platform, mc, exporter, sup=None, sub=None, runs=20, tmin=0.3) -> dict:
-    from modules.latency_predictor import measure_configs, measure_subnet
+    from modules.latency.local import measure_configs, measure_subnet
 
     if exporter == "direct":
         return measure_configs(cfgs, platform, mc, min_runs=runs, min_time=tmin)
@@ -132,9 +141,13 @@ def fit_correction(sums, meas) -> tuple[float, float]:
 def main(args):
     from tqdm import tqdm
 
-    from modules.latency_predictor import (BlockRegressor, LatencyPredictor, _measure_block, block_key,
-                                           fixed_block_configs, measure_config_batch, parse_block_key,
-                                           random_subnet, random_supernet, subnet_block_configs, time_rounds)
+    from modules.latency.keys import block_key, parse_block_key
+    from modules.latency.local import measure_block_stats, measure_config_batch
+    from modules.latency.predictor import LatencyPredictor
+    from modules.latency.remote import make_runner
+    from modules.latency.regression import BlockRegressor
+    from modules.latency.sampling import fixed_block_configs, random_subnet, random_supernet, subnet_block_configs
+    from modules.latency.timing import time_rounds
 
     os.makedirs(args.output_dir, exist_ok=True)
     t_start = time.time()
@@ -155,8 +168,11 @@ def main(args):
     cfgs = {m: subnet_block_configs(*m) for m in test + calib + train}
     # ---------------------------------------------------------------- blocks and whole models
     table = os.path.join(args.output_dir, f"{args.platform}.json")
-    pred = LatencyPredictor(args.platform, table, runs=args.min_runs, min_time=args.min_time, stat="min")
-    pred.mc.rounds = args.rounds
+    runner = make_runner(args.device_runner, host=args.ssh_host, python=args.remote_python,
+                         remote_dir=args.remote_dir) if args.device_runner != "local" else None
+    pred = LatencyPredictor(args.platform, table, runs=args.min_runs, min_time=args.min_time, stat=args.stat,
+                            runner=runner)
+    pred.mc.rounds, pred.mc.max_rounds, pred.mc.pin = args.rounds, args.max_rounds, bool(args.pin)
     mc = pred.mc
     state = State(os.path.join(args.output_dir, f"models_{args.platform}.json"))
     n_before = len(pred.table)
@@ -175,7 +191,9 @@ def main(args):
         todo = [m for m in models if state.get(f"{tag}|{m[0]}|{m[1]}") is None]
         for i in range(0, len(todo), args.model_batch):
             chunk = todo[i:i + args.model_batch]
-            if args.exporter == "direct":
+            if runner is not None:  # the device's own whole-model settings (those of the local runner)
+                stats = runner.time_models(chunk, args.platform, mc, args.exporter, seed=hash((tag, i)) % 1000)
+            elif args.exporter == "direct":
                 stats = measure_config_batch({m: cfgs[m] for m in chunk}, args.platform, mc, args.model_runs,
                                              args.model_time, seed=hash((tag, i)) % 1000)
             else:
@@ -215,14 +233,15 @@ def main(args):
 
             import torch
 
-            from modules.latency_predictor import _ort_session, _session_runner, export_subnet, subnet_model_bytes
+            from modules.latency.models import export_subnet, subnet_model_bytes
+            from modules.latency.sessions import ort_session, session_runner
             from modules.supernet import build_subnet
 
             torch.set_num_threads(1)
             with tempfile.TemporaryDirectory() as tmp:
                 path = export_subnet(build_subnet(*m), args.platform, tmp, mc.quant_format)
-                fns = {"torch": _session_runner(_ort_session(open(path, "rb").read(), 1)),
-                       "direct": _session_runner(_ort_session(subnet_model_bytes(cfgs[m], args.platform), 1))}
+                fns = {"torch": session_runner(ort_session(open(path, "rb").read(), 1)),
+                       "direct": session_runner(ort_session(subnet_model_bytes(cfgs[m], args.platform), 1))}
                 st = time_rounds(fns, 3, args.model_runs, mc.max_runs, args.model_time, 2, mc.clock)
             state.put(key, {k: _keep(v) for k, v in st.items()})
         checks.append(state.get(key))
@@ -232,7 +251,7 @@ def main(args):
         for m in tqdm(test[: args.ablation], desc="ablation blocks", disable=not progress, unit="model"):
             key = f"ablation|{m[0]}|{m[1]}"
             if state.get(key) is None:
-                vals = [_measure_block(c, args.platform, mc, boundary="standalone")["min"] for c in cfgs[m]]
+                vals = [measure_block_stats(c, args.platform, mc, boundary="standalone")["min"] for c in cfgs[m]]
                 state.put(key, {"standalone_sum": float(sum(vals)), "n": len(vals)})
             ablation.append((m, state.get(key)))
     loads.append(os.getloadavg()[0])
@@ -253,8 +272,13 @@ def main(args):
     def rawsum(m):
         return sum(pred.raw[block_key(c)] for c in cfgs[m])
 
+    pred.smooth()  # every table block's out-of-fold regression prediction (the predictor's "smoothed" estimate)
+
+    def ssum(m):
+        return sum(pred.smoothed[block_key(c)] for c in cfgs[m])
+
     rows_out, summary = [], {}
-    stat = "min"
+    stat = args.stat
     cal_meas = [state.get(f"cal|{m[0]}|{m[1]}")[stat] for m in calib]
     a, b = fit_correction([tsum(m) for m in calib], cal_meas)
     p1 = np.array([state.get(f"p1|{m[0]}|{m[1]}")[stat] for m in test])
@@ -264,6 +288,8 @@ def main(args):
     s_reg = np.array([rsum(m) for m in test])
     s_raw = np.array([rawsum(m) for m in test])
     pred_tab, pred_reg = a * s_tab + b, a * s_reg + b
+    a_s, b_s = fit_correction([ssum(m) for m in calib], cal_meas)
+    pred_smo = a_s * np.array([ssum(m) for m in test]) + b_s
     res_arr = np.array([int(m[1].rsplit("_r", 1)[1]) for m in test])
     n_blocks = np.array([len(cfgs[m]) for m in test])
     # the same correction fitted on the test models themselves (an upper bound of what a linear fit can do)
@@ -278,7 +304,8 @@ def main(args):
           f"(blocks net of the {ov * 1e3:.1f} us session overhead)")
     print(f"\nnoise floor (same model, two passes):   within +-10 %: {100 * within(p1, p2):5.1f} %   "
           f"RMS diff {rmse(p1, p2):.3f} ms ({100 * rel_rms(p1, p2):.1f} %)")
-    lines = [("table + correction", pred_tab), ("regression + correction", pred_reg),
+    lines = [("table + correction", pred_tab), ("smoothed table + correction", pred_smo),
+             ("regression + correction", pred_reg),
              ("table, uncorrected sum", s_tab + ov), ("raw standalone sum", s_raw),
              ("table, correction fitted on test (bound)", a_in * s_tab + b_in)]
     print(f"{'predictor':42s} {'+-10% vs p1':>11s} {'vs p2':>6s} {'vs mean':>8s} {'RMSE ms':>8s} {'rel RMS':>8s}")
@@ -293,8 +320,11 @@ def main(args):
     for r in sorted(set(res_arr)):
         k = res_arr == r
         print(f"  {r} px: noise floor {100 * within(p1[k], p2[k]):5.1f} %, table {100 * within(pred_tab[k], both[k]):5.1f} %, "
-              f"regression {100 * within(pred_reg[k], both[k]):5.1f} % within +-10 % (n={k.sum()}, "
-              f"median {np.median(both[k]):.2f} ms)")
+              f"smoothed {100 * within(pred_smo[k], both[k]):5.1f} %, regression {100 * within(pred_reg[k], both[k]):5.1f} % "
+              f"within +-10 % (n={k.sum()}, median {np.median(both[k]):.2f} ms)")
+        summary[f"res{r}"] = {"noise_floor": within(p1[k], p2[k]), "table": within(pred_tab[k], both[k]),
+                              "smoothed": within(pred_smo[k], both[k]), "regression": within(pred_reg[k], both[k]),
+                              "n": int(k.sum())}
     # median statistic, for reference (blocks still on the min table)
     m1 = np.array([state.get(f"p1|{m[0]}|{m[1]}")["median"] for m in test])
     m2 = np.array([state.get(f"p2|{m[0]}|{m[1]}")["median"] for m in test])

@@ -172,7 +172,7 @@ class Bench:
             return
         path = self.out / "targets.json"
         if not path.is_file():
-            from modules.latency_predictor import load_predictor
+            from modules.latency.predictor import load_predictor
             from modules.supernet import supernet_from_encoding
 
             pred = load_predictor(self.args.platform, SUPERSPACE, str(self.out / "latency"))

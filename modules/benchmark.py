@@ -29,15 +29,14 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["LATENCY_HEADER", "summarize_times", "benchmark_onnx", "benchmark_tflite", "onnx_session",
-           "tflite_interpreter", "run_onnx", "run_tflite", "latency_row", "write_latency_csv", "pair_model_files",
+from modules.latency.sessions import ORT_DTYPES, ort_session, random_input, tflite_interpreter
+
+__all__ = ["LATENCY_HEADER", "summarize_times", "benchmark_onnx", "benchmark_tflite", "run_onnx", "run_tflite", "latency_row", "write_latency_csv", "pair_model_files",
            "entry_model_files", "models_to_benchmark", "benchmark_pairs", "format_latency_table"]
 
 LATENCY_HEADER = ["name", "fp32_median_ms", "fp32_mean_ms", "fp32_std_ms", "int8_median_ms", "int8_mean_ms",
                   "int8_std_ms", "speedup", "threads", "warmup", "runs"]
 
-_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8,
-               "tensor(int8)": np.int8, "tensor(int32)": np.int32, "tensor(int64)": np.int64}
 
 
 def _check_counts(threads: int, warmup: int, runs: int) -> None:
@@ -70,43 +69,20 @@ def _time_calls(fn: Callable[[], object], warmup: int, runs: int) -> list[float]
     return times
 
 
-def _random_input(shape, dtype, rng: np.random.Generator) -> np.ndarray:
-    if np.issubdtype(dtype, np.floating):
-        return rng.standard_normal(shape).astype(dtype)
-    info = np.iinfo(dtype)
-    return rng.integers(info.min, int(info.max) + 1, size=shape, dtype=dtype)
-
-
 # ----------------------------------------------------------------------------- ONNX Runtime
-def onnx_session(path, threads: int = 1, optimized_model_filepath: str | None = None):
-    """An ORT CPU session configured as for the benchmark (ORT_ENABLE_ALL, sequential, inter_op 1)."""
-    import onnxruntime as ort
-
-    path = _require_file(path, "ONNX model")
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3  # errors only (no "removing unused initializer" chatter)
-    if optimized_model_filepath:
-        so.optimized_model_filepath = str(optimized_model_filepath)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def _ort_input(sess, rng):
     inputs = sess.get_inputs()
     if len(inputs) != 1:
         raise ValueError(f"expected a model with one input, got {[i.name for i in inputs]}")
     i = inputs[0]
     shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]  # symbolic batch → 1
-    return i.name, _random_input(shape, _ORT_DTYPES.get(i.type, np.float32), rng)
+    return i.name, random_input(shape, ORT_DTYPES.get(i.type, np.float32), rng)
 
 
 def benchmark_onnx(path, threads: int = 1, warmup: int = 100, runs: int = 100, seed: int = 0) -> dict:
     """Median/mean/std latency (ms) of one ONNX model with ONNX Runtime on the CPU."""
     _check_counts(threads, warmup, runs)
-    sess = onnx_session(path, threads)
+    sess = ort_session(path, threads)
     name, x = _ort_input(sess, np.random.default_rng(seed))
     feed = {name: x}
     out = summarize_times(_time_calls(lambda: sess.run(None, feed), warmup, runs), threads, warmup)
@@ -116,28 +92,13 @@ def benchmark_onnx(path, threads: int = 1, warmup: int = 100, runs: int = 100, s
 
 def run_onnx(path, x: np.ndarray, threads: int = 1) -> np.ndarray:
     """First output of an ONNX model for each sample of `x` ([N,...]), run one sample at a time."""
-    sess = onnx_session(path, threads)
+    sess = ort_session(path, threads)
     name = sess.get_inputs()[0].name
     x = np.asarray(x, dtype=np.float32)
     return np.concatenate([sess.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
 
 
 # ----------------------------------------------------------------------------- LiteRT
-def tflite_interpreter(path, threads: int = 1, use_xnnpack: bool = True):
-    """An allocated LiteRT interpreter; ``use_xnnpack=False`` selects the builtin kernels without
-    default delegates (the setting of the original phone measurements)."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter, OpResolverType
-    except ImportError as e:
-        raise ImportError(f"TFLite benchmarks need the LiteRT interpreter ({e}); install it with: "
-                          "pip install ai-edge-litert==2.3.0") from None
-    path = _require_file(path, "TFLite model")
-    resolver = OpResolverType.AUTO if use_xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-    it = Interpreter(model_path=str(path), num_threads=threads, experimental_op_resolver_type=resolver)
-    it.allocate_tensors()
-    return it
-
-
 def benchmark_tflite(path, threads: int = 1, warmup: int = 100, runs: int = 100, use_xnnpack: bool = True,
                      seed: int = 0) -> dict:
     """Median/mean/std latency (ms) of one .tflite model with the LiteRT interpreter."""
@@ -145,7 +106,7 @@ def benchmark_tflite(path, threads: int = 1, warmup: int = 100, runs: int = 100,
     it = tflite_interpreter(path, threads, use_xnnpack)
     rng = np.random.default_rng(seed)
     for d in it.get_input_details():
-        it.set_tensor(d["index"], _random_input(tuple(d["shape"]), d["dtype"], rng))
+        it.set_tensor(d["index"], random_input(tuple(d["shape"]), d["dtype"], rng))
     out = summarize_times(_time_calls(it.invoke, warmup, runs), threads, warmup)
     out.update(backend="litert", use_xnnpack=bool(use_xnnpack))
     return out

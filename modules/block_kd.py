@@ -915,14 +915,14 @@ def lut_jobs(space: SuperSpace, pairs: Sequence[tuple[int, int]], windows: Seque
 
 def make_latency_fn(name: str, superspace: str, table_dir: str | None = None):
     """(fn(model, resolution) -> ms, description). "none" returns 0.0 (and says so); other names use
-    `modules.latency_predictor.load_predictor(name, superspace, table_dir)`: the sub-stage's share of a
+    `modules.latency.predictor.load_predictor(name, superspace, table_dir)`: the sub-stage's share of a
     network's latency = slope * sum of its blocks (the intercept belongs to the whole network)."""
     if name in (None, "", "none"):
         return (lambda model, r: 0.0), "none (latency column = 0.0)"
     try:
-        from modules.latency_predictor import load_predictor
+        from modules.latency.predictor import load_predictor
     except ImportError as e:
-        raise ValueError(f"--latency_predictor {name}: modules.latency_predictor is not available ({e}); "
+        raise ValueError(f"--latency_predictor {name}: modules.latency is not available ({e}); "
                          "use --latency_predictor none") from None
     pred = load_predictor(name, superspace, table_dir)
     if hasattr(pred, "blocks_sum") and hasattr(pred, "correction"):

@@ -52,13 +52,14 @@ DEPTHWISE_CONV_2D / ADD / MUL / MEAN / LOGISTIC / HARD_SWISH / FULLY_CONNECTED i
 
 x86 CPUs without VNNI (this machine: AMD EPYC, AVX2): ORT's default u8 x s8 kernels add pairs of
 products in saturating int16 (``vpmaddubsw``) and full-range weights overflow (4.6 % error on one
-conv). Sessions here set ``session.x64quantprecision=1`` (`ort_session`, automatic on such CPUs):
+conv). Sessions here set ``session.x64quantprecision=1`` (`modules.latency.sessions.ort_session` with
+``precise=None``, automatic on such CPUs):
 exact u8 x u8 kernels, but about as slow as fp32. The ``ort_avx2`` preset trains 7-bit weights, which
 ORT runs exactly with the fast kernels (it converts only weights outside [-64, 64]).
 
 Example::
 
-    from modules.deploy import export_onnx_int8, export_tflite_int8, ort_session
+    from modules.deploy import export_onnx_int8, export_tflite_int8
     export_onnx_int8(subnet, "out/m_int8.onnx")          # subnet: a standalone LSQ+ (ort/tflite) network
     export_tflite_int8(subnet, "out/m_int8.tflite")
 """
@@ -67,8 +68,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import platform
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -77,13 +76,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from modules.latency.sessions import ort_session
 from modules.lsq import ActQuantizer, WeightQuantizer, get_quant_mode, quantizers
 from modules.ops import (BACKEND_PRESETS, DynamicConv2d, DynamicLinear, OriginalPresetQuantizer, backend_active,
                          fold_conv_bn, input_scale, int32_bias, weight_scale)
 
 __all__ = ["DEPLOY_BACKENDS", "FrozenActQuant", "FrozenConv2d", "FrozenLinear", "model_preset", "deploy_model",
            "fp32_model", "export_onnx_int8", "export_onnx_fp32", "export_tflite_int8", "export_tflite_fp32",
-           "ort_precise_default", "ort_session", "run_onnx_batch", "run_tflite_batch", "relative_error",
+           "run_onnx_batch", "run_tflite_batch", "relative_error",
            "profile_onnx_blocks", "inspect_deployed", "format_rows"]
 
 DEPLOY_BACKENDS = ("torch", "onnx", "tflite")
@@ -420,38 +420,6 @@ def export_tflite_fp32(model: nn.Module, path, resolution: int | None = None) ->
 
 
 # ----------------------------------------------------------------------------- running
-def ort_precise_default() -> bool:
-    """True on x86 CPUs without VNNI/AMX, where ORT's u8 x s8 kernels saturate (see module docstring)."""
-    from modules.export import cpu_has_vnni
-
-    is_x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
-    return is_x86 and not cpu_has_vnni()
-
-
-def ort_session(path, threads: int = 1, precise: bool | None = None, profile: bool = False,
-                optimized_model_filepath: str | None = None):
-    """An ORT CPU session as `modules.benchmark.onnx_session` (ORT_ENABLE_ALL, sequential), plus
-    ``session.x64quantprecision=1`` when `precise` (None: `ort_precise_default()`)."""
-    import onnxruntime as ort
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ONNX model {path} not found")
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.log_severity_level = 3
-    if ort_precise_default() if precise is None else precise:
-        so.add_session_config_entry("session.x64quantprecision", "1")
-    if profile:
-        so.enable_profiling = True
-        so.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"ort_profile_{os.getpid()}")
-    if optimized_model_filepath:
-        so.optimized_model_filepath = str(optimized_model_filepath)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def run_onnx_batch(path_or_session, x, threads: int = 1, precise: bool | None = None) -> np.ndarray:
     """Outputs of a fixed-batch-1 ONNX model for every sample of `x` ([N, C, H, W])."""
     sess = path_or_session if hasattr(path_or_session, "run") else ort_session(path_or_session, threads, precise)

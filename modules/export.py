@@ -300,7 +300,9 @@ def cpu_has_vnni() -> bool:
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
 
 
-def _auto_reduce_range(reduce_range: bool | None) -> bool:
+def auto_reduce_range(reduce_range: bool | None) -> bool:
+    """`reduce_range` for ORT's quantizer: as given, else 7-bit weights on x86 CPUs without VNNI (whose
+    u8 x s8 kernels saturate, see `cpu_has_vnni`)."""
     if reduce_range is not None:
         return bool(reduce_range)
     is_x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
@@ -326,7 +328,8 @@ def _onnx_input(path: str | os.PathLike) -> tuple[str, tuple[int, ...]]:
 
 def quantize_onnx_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, calib: Iterable | None = None,
                        fmt: str = "qdq", per_channel: bool = True, num_random_calib: int = 32,
-                       method: str = "minmax", reduce_range: bool | None = None, seed: int = 0) -> str:
+                       method: str = "minmax", reduce_range: bool | None = None, seed: int = 0,
+                       int8_activations: bool = True) -> str:
     """ONNX Runtime static quantization of `fp32_path` into `int8_path` (atomic).
 
     uint8 activations (``QuantType.QUInt8``), int8 weights (per-channel by default), `fmt` ``"qdq"``
@@ -337,6 +340,9 @@ def quantize_onnx_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLik
     `reduce_range` quantizes weights to 7 bits (-64..63). ``None`` (default) = auto: on for an x86 CPU
     without VNNI/AMX (:func:`cpu_has_vnni`), where full-range u8 x s8 kernels saturate and give wrong
     outputs, off otherwise. Same speed either way; pass False when exporting for a VNNI device.
+
+    `int8_activations`: hardswish and SE gates rewritten so that they run in int8
+    (`modules.onnx_int8`); False quantizes the graph as exported (they stay float between DQ/Q).
     """
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
@@ -379,17 +385,42 @@ def quantize_onnx_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLik
     root = logging.getLogger()
     flt = _QuietPreprocessHint()
     root.addFilter(flt)
+    src = Path(f"{tmp}.fp32.onnx")
     try:
-        quantize_static(str(fp32_path), str(tmp), _Reader(), quant_format=formats[fmt.lower()],
-                        per_channel=per_channel, reduce_range=_auto_reduce_range(reduce_range),
+        _int8_ready_copy(fp32_path, src, int8_activations)
+        quantize_static(str(src), str(tmp), _Reader(), quant_format=formats[fmt.lower()],
+                        per_channel=per_channel, reduce_range=auto_reduce_range(reduce_range),
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=methods[method.lower()],
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+        if int8_activations:
+            _fold_scales(tmp)
         os.replace(tmp, out)
     finally:
         root.removeFilter(flt)
         tmp.unlink(missing_ok=True)
+        src.unlink(missing_ok=True)
     return str(out)
+
+
+def _int8_ready_copy(fp32_path: Path, dst: Path, int8_activations: bool) -> None:
+    """The model quantize_static reads: `fp32_path` as is, or with its hardswish / SE gates rewritten."""
+    import onnx
+
+    from modules.onnx_int8 import int8_friendly_activations
+
+    m = onnx.load(str(fp32_path))
+    onnx.save(int8_friendly_activations(m) if int8_activations else m, str(dst))
+
+
+def _fold_scales(path: Path) -> None:
+    import onnx
+
+    from modules.onnx_int8 import fold_scale_muls
+
+    m = onnx.load(str(path))
+    if fold_scale_muls(m):
+        onnx.save(m, str(path))
 
 
 # ----------------------------------------------------------------------------- TFLite (LiteRT)

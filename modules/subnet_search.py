@@ -187,11 +187,11 @@ class LatencyOracle:
 
 
 def load_predictor_for(platform: str, superspace: str, table_dir: str | None = None):
-    """`modules.latency_predictor.load_predictor`, with a clear error while that module is missing."""
+    """`modules.latency.predictor.load_predictor`, with a clear error while that module is missing."""
     try:
-        from modules.latency_predictor import load_predictor
+        from modules.latency.predictor import load_predictor
     except ImportError as e:
-        raise ValueError(f"latency predictor {platform!r}: modules.latency_predictor is not available ({e})") from None
+        raise ValueError(f"latency predictor {platform!r}: modules.latency is not available ({e})") from None
     return load_predictor(platform, superspace, table_dir)
 
 

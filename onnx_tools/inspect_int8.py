@@ -59,11 +59,11 @@ def optimized_graph(path):
     ``optimized_model_filepath`` in a temp dir."""
     import onnx
 
-    from modules.benchmark import onnx_session
+    from modules.latency.sessions import ort_session
 
     with tempfile.TemporaryDirectory() as d:
         opt = os.path.join(d, "optimized.onnx")
-        onnx_session(path, threads=1, optimized_model_filepath=opt)
+        ort_session(path, threads=1, optimized_model_filepath=opt)
         return onnx.load(opt).graph
 
 

@@ -213,7 +213,7 @@ def test_deploy_fidelity_checks_the_exported_files(trained, tmp_path, digits_roo
 def test_tflite_int8_runs_int8_and_matches_fake_quant(trained, tmp_path):
     pytest.importorskip("litert_torch", reason="litert-torch is not installed (pip install litert-torch==0.10.0)")
     pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is not installed (pip install ai-edge-litert==2.3.0)")
-    from modules.benchmark import tflite_interpreter
+    from modules.latency.sessions import tflite_interpreter
 
     sub, x, ref = trained
     path = deploy.export_tflite_int8(sub, tmp_path / "sub_int8.tflite")

@@ -14,10 +14,16 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from modules import latency_predictor as lp  # noqa: E402
-from modules.latency_predictor import (LatencyPredictor, block_key, block_mmacs, block_onnx,  # noqa: E402
-                                       load_predictor, parse_block_key, quantize_block_onnx, random_subnet,
-                                       random_supernet, strip_boundary_qdq, subnet_block_configs, subnet_onnx)
+from modules.latency import local  # noqa: E402
+from modules.latency.graph import FEATURES, block_features, block_mmacs, block_onnx, build_block_module, subnet_onnx  # noqa: E402,E501
+from modules.latency.keys import block_key, parse_block_key  # noqa: E402
+from modules.latency.local import measure_block, measure_model_file  # noqa: E402
+from modules.latency.models import subnet_model_bytes  # noqa: E402
+from modules.latency.predictor import LatencyPredictor, load_predictor  # noqa: E402
+from modules.latency.quantize import quantize_block_onnx, strip_boundary_qdq  # noqa: E402
+from modules.latency.regression import BlockRegressor, FlatForest  # noqa: E402
+from modules.latency.sampling import (fixed_block_configs, random_subnet, random_supernet,  # noqa: E402
+                                      subnet_block_configs)
 
 FAST = dict(runs=3, warmup=1, min_time=0.0)
 
@@ -65,7 +71,7 @@ def test_block_graph_matches_torch_export(cfg, tmp_path):
     from modules.counter import count_macs
     from modules.export import export_onnx
 
-    module = lp.build_block_module(cfg)
+    module = build_block_module(cfg)
     hw = cfg["hw"]
     path = export_onnx(module, hw, tmp_path / "b.onnx", in_channels=cfg["cin"])
     assert _sig(onnx.load(path)) == _sig(block_onnx(cfg))
@@ -119,7 +125,7 @@ def test_boundary_qdq_cut():
         io = m.graph.input[0] if name == "FirstConv" else m.graph.output[0]
         assert io.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     for c in FAMILY_CONFIGS[:4]:  # every block model runs
-        lp.measure_block(c, "ort_int8", runs=2, warmup=1, min_time=0.0)
+        measure_block(c, "ort_int8", runs=2, warmup=1, min_time=0.0)
 
 
 def test_block_key_round_trip():
@@ -168,7 +174,7 @@ def test_save_load_and_resume(tmp_path, tiny_subnet, monkeypatch):
     cfgs = net.block_configs()
     keys = list(dict.fromkeys(block_key(c) for c in cfgs))
     built = []
-    real = lp._block_runner
+    real = local.block_runner
 
     def flaky(cfg, *a, **k):
         if len(built) == 5:  # interrupted while building the third batch of two
@@ -176,7 +182,7 @@ def test_save_load_and_resume(tmp_path, tiny_subnet, monkeypatch):
         built.append(block_key(cfg))
         return real(cfg, *a, **k)
 
-    monkeypatch.setattr(lp, "_block_runner", flaky)
+    monkeypatch.setattr(local, "block_runner", flaky)
     pred = LatencyPredictor("ort_int8", str(path), **FAST)
     pred.batch_size = 2
     with pytest.raises(KeyboardInterrupt):
@@ -186,7 +192,7 @@ def test_save_load_and_resume(tmp_path, tiny_subnet, monkeypatch):
     assert saved["platform"] == "ort_int8" and saved["overhead_ms"] > 0
 
     built.clear()
-    monkeypatch.setattr(lp, "_block_runner", lambda cfg, *a, **k: (built.append(block_key(cfg)), real(cfg, *a, **k))[1])
+    monkeypatch.setattr(local, "block_runner", lambda cfg, *a, **k: (built.append(block_key(cfg)), real(cfg, *a, **k))[1])
     resumed = LatencyPredictor("ort_int8", str(path), **FAST)
     assert resumed.table == pytest.approx(saved["blocks"])
     assert resumed.build([cfgs], progress=False) == len(keys) - 4
@@ -223,15 +229,10 @@ def test_clear_errors(tmp_path):
         strict.predict_blocks([FAMILY_CONFIGS[0]])
 
 
-def test_nn_meter_needs_the_package():
-    try:
-        import nn_meter  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match=r"pip install nn-meter"):
-            load_predictor("nn_meter")
-    else:  # pragma: no cover - nn-meter present: its predictor files cannot be downloaded here
-        with pytest.raises((ValueError, ImportError)):
-            load_predictor("nn_meter", predictor_name="no_such_predictor")
+def test_nn_meter_is_not_a_platform():
+    """nn-Meter's predictors cannot be built or downloaded here; the measured table replaces them (README)."""
+    with pytest.raises(ValueError, match=r"latency platform 'nn_meter'; allowed: ort_int8, .*macs"):
+        load_predictor("nn_meter", "tiny")
 
 
 def test_macs_platform_needs_no_table(tiny_subnet):
@@ -281,12 +282,12 @@ def test_regressor_recovers_a_linear_cost_model():
         cfgs.append(dict(name=name, cin=rng.choice((16, 24, 32, 48, 64)), cout=rng.choice((16, 24, 32, 48, 64)),
                          kernel=rng.choice((3, 5)), expand=float(rng.choice(e)), stride=rng.choice((1, 2)), act=act,
                          se=se, hw=rng.choice((7, 14, 28, 56))))
-    cost = np.zeros(len(lp.FEATURES))
+    cost = np.zeros(len(FEATURES))
     for f, c in (("one", 0.01), ("mac_pw", 2e-8), ("mac_dw", 8e-8), ("mac_kxk", 1.5e-8), ("elem_float", 3e-7),
                  ("elem_add", 1e-7), ("n_ops", 0.002)):
-        cost[lp.FEATURES.index(f)] = c
-    y = [float(lp.block_features(c) @ cost) for c in cfgs]
-    reg = lp.BlockRegressor().fit(cfgs[:120], y[:120])
+        cost[FEATURES.index(f)] = c
+    y = [float(block_features(c) @ cost) for c in cfgs]
+    reg = BlockRegressor().fit(cfgs[:120], y[:120])
     assert reg.forest is not None
     got = reg.predict_many(cfgs[120:])
     assert got == pytest.approx([reg.predict(c) for c in cfgs[120:]])
@@ -305,7 +306,7 @@ def test_flat_forest_predicts_what_sklearn_predicts(seed):
                    rng.random((300, 2)) / 3])  # /3: most values are not representable in float32
     y = np.sin(X[:, 2] / 300) + X[:, 0] * 0.3 + rng.standard_normal(300) * 0.1
     forest = RandomForestRegressor(20, min_samples_leaf=2, random_state=seed).fit(X, y)
-    flat = lp.FlatForest(forest)
+    flat = FlatForest(forest)
     t = forest.estimators_[0].tree_
     on_split = X[:40].copy()
     for i, node in enumerate(np.flatnonzero(t.children_left >= 0)[:40]):
@@ -317,7 +318,7 @@ def test_flat_forest_predicts_what_sklearn_predicts(seed):
 
 def test_fixed_blocks_cover_every_subnet():
     rng = random.Random(4)
-    keys = {block_key(c) for c in lp.fixed_block_configs("tiny")}
+    keys = {block_key(c) for c in fixed_block_configs("tiny")}
     for _ in range(30):
         choice = random_supernet("tiny", rng)
         sub = random_subnet(choice, rng)
@@ -336,9 +337,84 @@ def test_stitched_whole_model_matches_quantized_whole_model(tmp_path):
     cfgs = subnet_block_configs(choice, random_subnet(choice, rng, 32))
     ops = []
     for method in ("stitch", "quantize"):
-        data = lp.subnet_model_bytes(cfgs, "ort_int8", method=method)
+        data = subnet_model_bytes(cfgs, "ort_int8", method=method)
         path = tmp_path / f"{method}.onnx"
         path.write_bytes(data)
         ops.append(collections.Counter(n.op_type for n in optimized_graph(path).node))
-        assert lp.measure_model_file(path, "ort_int8", min_runs=2, min_time=0.0, warmup=1)["min"] > 0
+        assert measure_model_file(path, "ort_int8", min_runs=2, min_time=0.0, warmup=1)["min"] > 0
     assert ops[0] == ops[1]
+
+
+def test_warm_up_runs_until_the_times_stop_falling():
+    from modules.latency.timing import warm_up
+
+    def clock(times):
+        """A fake clock: call i of fn takes times[i] (two readings per call)."""
+        it = iter(t for x in times for t in (0.0, x))
+        return lambda: next(it)
+
+    falling = [10, 8, 6, 5, 4, 3, 2.5, 2, 2, 2, 2, 2, 2]  # a cold start: flat from call 8, three flat calls more
+    assert warm_up(lambda: None, clock(falling), warmup=3, warmup_time=0.0) == 11
+    flat = [2.0] * 20
+    assert warm_up(lambda: None, clock(flat), warmup=3, warmup_time=0.0) == 4
+    ever_faster = [0.9 ** i for i in range(60)]  # never warm: capped
+    assert warm_up(lambda: None, clock(ever_faster), warmup=3, warmup_time=0.0, max_calls=50) == 50
+
+
+def test_rounds_continue_while_the_minimum_falls(monkeypatch):
+    from modules.latency import timing
+
+    mins = {"steady": iter([5.0] * 20), "settling": iter([9.0, 8.0, 7.0, 6.0, 5.0, 5.0, 5.0, 5.0])}
+
+    def fake(fn, *a, **k):
+        m = next(mins[fn])
+        return {"min": m, "times": [m]}
+
+    monkeypatch.setattr(timing, "time_callable", fake)
+    out = timing.time_rounds({"steady": "steady", "settling": "settling"}, rounds=2, max_rounds=10, tol=0.02)
+    assert out["steady"]["round_min"] == [5.0, 5.0]  # stable after the two rounds asked for
+    assert out["settling"]["round_min"] == [9.0, 8.0, 7.0, 6.0, 5.0, 5.0]  # until a round no longer lowers it
+    assert out["settling"]["min"] == 5.0
+
+
+def test_pinning_holds_one_cpu_and_is_undone():
+    import os
+
+    from modules.latency import timing
+
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs Linux CPU affinity and two CPUs")
+    before = os.sched_getaffinity(0)
+    with timing.pinned(True):
+        inside = os.sched_getaffinity(0)
+    assert len(inside) == 1 and inside <= before and os.sched_getaffinity(0) == before
+
+
+def test_smoothed_estimate_averages_block_noise_and_has_its_own_correction(tmp_path):
+    """Noisy block entries of a made-up linear cost: the out-of-fold regression estimate is closer to the
+    truth than the entries themselves; each estimate keeps its own correction through save and load."""
+    rng = random.Random(3)
+    cfgs = {}
+    for _ in range(40):
+        choice = random_supernet("tiny", rng)
+        for c in subnet_block_configs(choice, random_subnet(choice, rng, rng.choice([32, 48, 64]))):
+            cfgs[block_key(c)] = c
+    truth = {k: float(block_features(c) @ np.linspace(1e-6, 2e-6, len(FEATURES))) + 0.01 for k, c in cfgs.items()}
+    noise = np.random.default_rng(0).normal(1.0, 0.15, len(truth))
+    pred = LatencyPredictor("ort_int8", str(tmp_path / "ort_int8.json"), superspace="tiny")
+    pred.add_entries({k: v * n for (k, v), n in zip(truth.items(), noise)})
+    pred.smooth()
+    err_table = np.mean([abs(pred.table[k] / truth[k] - 1) for k in truth])
+    err_smooth = np.mean([abs(pred.smoothed[k] / truth[k] - 1) for k in truth])
+    assert err_smooth < err_table
+    some = list(cfgs.values())[:10]
+    pred.calibrate([some, some[:5]], [2.0, 1.0])  # table estimate
+    pred.set_estimate("smoothed")
+    assert pred.correction == (1.0, 0.0) and pred.blocks_sum(some) == pytest.approx(
+        sum(pred.smoothed[block_key(c)] for c in some))
+    pred.calibrate([some, some[:5]], [2.0, 1.0])
+    again = load_predictor("ort_int8", "tiny", str(tmp_path))
+    assert again.estimate == "smoothed" and again.smoothed == pytest.approx(pred.smoothed)
+    assert again.predict_blocks(some) == pytest.approx(2.0, rel=1e-6)
+    table = load_predictor("ort_int8", "tiny", str(tmp_path), estimate="table")
+    assert table.predict_blocks(some) == pytest.approx(2.0, rel=1e-6) and table.correction != again.correction

@@ -165,16 +165,23 @@ def test_qoperator_format_and_real_calibration(tiny, digits_root):
     assert "QLinearConv" in inspect_onnx_int8(q, verbose=False)[-1]["int8_op_types"]
 
 
-def test_hswish_se_blocks_are_reported_as_float_fallback(tmp_path):
+def test_hswish_and_se_gates_run_in_int8_and_float_islands_are_reported(tmp_path):
+    """Hardswish and the SE gate rewritten (modules.onnx_int8): only int8 kernels, output as close to fp32 as
+    the plain quantization's; quantized as exported they stay float and the inspector says so."""
     torch.manual_seed(0)
     model = _bn_stats(TinyNet(hswish_se=True), torch.randn(8, 3, RES, RES))
     fp32 = export_onnx(model, RES, tmp_path / "se.onnx")
-    q = quantize_onnx_int8(fp32, tmp_path / "se_int8.onnx", calib=torch.randn(8, 3, RES, RES))
+    calib, x = torch.randn(8, 3, RES, RES), torch.randn(4, 3, RES, RES).numpy()
+    q = quantize_onnx_int8(fp32, tmp_path / "se_int8.onnx", calib=calib)
+    total = inspect_onnx_int8(q, verbose=False)[-1]
+    assert total["status"] != "FLOAT FALLBACK" and not total["float_op_types"], total
+    plain = quantize_onnx_int8(fp32, tmp_path / "se_plain.onnx", calib=calib, int8_activations=False)
     with pytest.warns(UserWarning, match="float compute"):
-        rows = inspect_onnx_int8(q)
-    total = rows[-1]
-    assert total["status"] == "FLOAT FALLBACK" and "HardSigmoid" in total["float_op_types"]
+        rows = inspect_onnx_int8(plain)
+    assert rows[-1]["status"] == "FLOAT FALLBACK" and "HardSigmoid" in rows[-1]["float_op_types"]
     assert any(r["group"] == "blocks/blocks.2" and r["status"] == "FLOAT FALLBACK" for r in rows)
+    ref = run_onnx(fp32, x)
+    assert _rel_err(run_onnx(q, x), ref) < max(0.05, 1.5 * _rel_err(run_onnx(plain, x), ref))
     fp_rows = inspect_onnx_int8(fp32, verbose=False)  # an fp32 model is not "falling back"
     assert fp_rows[-1]["status"] == "fp32" and fp_rows[-1]["int8_kernels"] == 0
 

@@ -235,7 +235,7 @@ def test_space_search_sigterm_saves_state_and_resume_matches(tmp_path, capsys):
 def test_subnet_search_sigterm_saves_state_and_resume_matches(tmp_path):
     from test_subnet_search import ENC, make_supernet_ckpts, make_tiny_data
 
-    from modules.latency_predictor import load_predictor
+    from modules.latency.predictor import load_predictor
     from modules.supernet import supernet_from_encoding
 
     data = make_tiny_data(tmp_path / "data", per_class=4, val_per_class=1)

@@ -311,7 +311,9 @@ def test_released_lut_with_fixed_latency_from_a_latency_table(tmp_path, capsys):
     """--latency_predictor: L_fixed(R) is our latency table's sum over first_conv, stage0 and the head of the
     min subnet (5 blocks, each 0.5 ms here) where the original asked nn-Meter. Space 543210-000000 then
     takes 2.5 + 6 x 0.5 = 5.5 ms at every resolution: it meets 5.6 ms and misses 5.4 ms."""
-    from modules.latency_predictor import LatencyPredictor, block_key, fixed_block_configs
+    from modules.latency.keys import block_key
+    from modules.latency.predictor import LatencyPredictor
+    from modules.latency.sampling import fixed_block_configs
 
     block_lut = write_released_style_lut(tmp_path / "block_lut")
     table = LatencyPredictor("ort_int8", str(tmp_path / "latency" / "ort_int8.json"))

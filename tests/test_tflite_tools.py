@@ -17,7 +17,8 @@ pytest.importorskip("litert_torch", reason="litert-torch is not installed (pip i
                     "TFLite export is optional")
 pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is not installed (pip install ai-edge-litert==2.3.0)")
 
-from modules.benchmark import LATENCY_HEADER, benchmark_tflite, run_tflite, tflite_interpreter  # noqa: E402
+from modules.benchmark import LATENCY_HEADER, benchmark_tflite, run_tflite  # noqa: E402
+from modules.latency.sessions import tflite_interpreter  # noqa: E402
 from modules.export import RandomCalibrationWarning, export_tflite  # noqa: E402
 
 RES = 32
