@@ -100,7 +100,7 @@ def interleaved(fns: dict, rounds: int, runs: int, min_time: float) -> dict[str,
 
 
 def float_ops(model_bytes: bytes) -> tuple[str, int, int]:
-    from onnx_tools.inspect_int8 import inspect_onnx_int8
+    from modules.inspect import inspect_onnx_int8
 
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "b_int8.onnx")

@@ -129,7 +129,7 @@ def time_variants(paths: dict[str, str], threads: int, rounds: int, runs: int, w
 
 
 def float_ops(path: str) -> str:
-    from onnx_tools.inspect_int8 import inspect_onnx_int8
+    from modules.inspect import inspect_onnx_int8
 
     total = inspect_onnx_int8(path, verbose=False)[-1]
     return f"{total['float_op_types'] or '-'} (int8 kernels {total['int8_kernels']}, Q/DQ {total['qdq_nodes']})"

@@ -380,10 +380,10 @@ def export_onnx_fp32(model: nn.Module, path, resolution: int | None = None, opse
 
 
 def _litert_convert(module: nn.Module, x: torch.Tensor, path, static_int8: bool) -> str:
-    from modules.export import _atomic_target, _import_litert_torch
+    from modules.export import atomic_target, import_litert_torch
 
-    litert_torch = _import_litert_torch()
-    path, tmp = _atomic_target(path, ".tflite")
+    litert_torch = import_litert_torch()
+    path, tmp = atomic_target(path, ".tflite")
     try:
         with torch.no_grad():
             if static_int8:
@@ -446,10 +446,10 @@ def profile_onnx_blocks(path, runs: int = 50, warmup: int = 10, threads: int = 1
                         group_depth: int | None = None) -> dict[str, float]:
     """Per-block mean kernel time (ms per inference) of an ONNX model from ORT's profiler; blocks
     grouped from node names as `onnx_tools.inspect_int8` does."""
-    from onnx_tools.inspect_int8 import _node_groups, _path_group, optimized_graph
+    from modules.inspect import node_groups, optimized_graph, path_group
 
     graph = optimized_graph(path)
-    group_of = dict(zip([n.name for n in graph.node], _node_groups(graph, group_depth)))
+    group_of = dict(zip([n.name for n in graph.node], node_groups(graph, group_depth)))
     sess = ort_session(path, threads, precise, profile=True)
     i = sess.get_inputs()[0]
     x = np.random.default_rng(0).standard_normal([d if isinstance(d, int) else 1 for d in i.shape]).astype(np.float32)
@@ -469,7 +469,7 @@ def profile_onnx_blocks(path, runs: int = 50, warmup: int = 10, threads: int = 1
         if k < 0:
             continue  # a warm-up run
         node = e["name"][: -len("_kernel_time")]
-        g = group_of.get(node) or _path_group(node, group_depth) or "(io)"
+        g = group_of.get(node) or path_group(node, group_depth) or "(io)"
         per_run[k][g] = per_run[k].get(g, 0.0) + e.get("dur", 0) / 1e3
     groups = {g for r in per_run for g in r}
     # median over runs: robust to the other processes of a shared machine
@@ -481,7 +481,7 @@ def inspect_deployed(int8_path, fp32_path=None, runs: int = 50, threads: int = 1
     """Per-block report of an exported int8 ONNX model: the `onnx_tools.inspect_int8` rows (int8 kernels,
     float ops left between DQ/Q after ORT's optimisation, status) plus, with the fp32 export of the same
     network, each block's profiled kernel time in int8 and fp32 and a warning for blocks slower in int8."""
-    from onnx_tools.inspect_int8 import inspect_onnx_int8
+    from modules.inspect import inspect_onnx_int8
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

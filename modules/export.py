@@ -87,7 +87,9 @@ def _eval_mode(model: nn.Module):
             m.training = f
 
 
-def _atomic_target(path: str | os.PathLike, suffix: str) -> tuple[Path, Path]:
+def atomic_target(path: str | os.PathLike, suffix: str) -> tuple[Path, Path]:
+    """(path, a fresh temp file beside it) for writers that need a file name of their own (exporters); the caller
+    moves the temp file onto `path` with os.replace when the writer succeeded."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
@@ -256,7 +258,7 @@ def export_onnx(model: nn.Module, resolution, path: str | os.PathLike, opset: in
     if opset not in ONNX_OPSETS:
         raise ValueError(f"opset {opset} not supported: use 13..17 (per-channel QDQ needs >= 13)")
     h, w = _hw(resolution, model)
-    path, tmp = _atomic_target(path, ".onnx")
+    path, tmp = atomic_target(path, ".onnx")
     x = torch.randn(1, in_channels, h, w, device=_device(model))
     try:
         with _eval_mode(model), torch.no_grad(), warnings.catch_warnings():
@@ -381,7 +383,7 @@ def quantize_onnx_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLik
         def rewind(self):
             self._it = iter(samples)
 
-    out, tmp = _atomic_target(int8_path, ".onnx")
+    out, tmp = atomic_target(int8_path, ".onnx")
     root = logging.getLogger()
     flt = _QuietPreprocessHint()
     root.addFilter(flt)
@@ -424,7 +426,7 @@ def _fold_scales(path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- TFLite (LiteRT)
-def _import_litert_torch():
+def import_litert_torch():
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # enum-registration nag on import
     os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
     try:
@@ -493,10 +495,10 @@ def export_tflite(model: nn.Module, resolution, path: str | os.PathLike, int8: b
     file has int8 input/output tensors; :func:`modules.benchmark.run_tflite` (de)quantizes with the
     tensors' (scale, zero point). Returns the path.
     """
-    litert_torch = _import_litert_torch()
+    litert_torch = import_litert_torch()
     h, w = _hw(resolution, model)
     x = torch.randn(1, in_channels, h, w, generator=torch.Generator().manual_seed(seed)).to(_device(model))
-    path, tmp = _atomic_target(path, ".tflite")
+    path, tmp = atomic_target(path, ".tflite")
     try:
         with _eval_mode(model), torch.no_grad():  # export sees eval-mode BN / dropout; flags restored
             if not int8:

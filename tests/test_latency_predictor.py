@@ -330,7 +330,7 @@ def test_fixed_blocks_cover_every_subnet():
 def test_stitched_whole_model_matches_quantized_whole_model(tmp_path):
     """The fast whole INT8 model (quantized network-form blocks chained) runs the same optimised graph as
     the quantized whole network; both run."""
-    from onnx_tools.inspect_int8 import optimized_graph
+    from modules.inspect import optimized_graph
 
     rng = random.Random(6)
     choice = random_supernet("tiny", rng)

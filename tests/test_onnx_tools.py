@@ -20,7 +20,7 @@ from torch import nn
 from modules.benchmark import LATENCY_HEADER, benchmark_onnx, run_onnx
 from modules.export import (RandomCalibrationWarning, calib_from_loader, calib_loader_from_dir, export_onnx,
                             model_file_stem, parse_input_line, quantize_onnx_int8, read_input_csv)
-from onnx_tools.inspect_int8 import inspect_onnx_int8
+from modules.inspect import inspect_onnx_int8
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEQNET_LINE = ("onnxw,151122-023231,d1#1#2#2#2#2#2#1_k3#3#3#3#3#3#3#3#3#3#3#3#3_w16#16#32#32#64#64#112#112#144#144"

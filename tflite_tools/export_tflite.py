@@ -45,9 +45,9 @@ def get_args_parser():
 def main(args):
     import torch
 
-    from modules.export import RandomCalibrationWarning, _import_litert_torch, export_tflite
+    from modules.export import RandomCalibrationWarning, import_litert_torch, export_tflite
 
-    _import_litert_torch()  # fail early, with the install hint, before building anything
+    import_litert_torch()  # fail early, with the install hint, before building anything
     if args.no_int8 and args.no_fp32:
         raise ValueError("--no_int8 and --no_fp32 together leave nothing to export")
     torch.manual_seed(args.seed)
