@@ -60,6 +60,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=200, help="timed runs per deployed file (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=None,
                    help="fp32 supernet epochs for every space (default: tiny.yaml's, as the demo)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the training runs (default: tiny.yaml's; 1 when seeds run side by side)")
     p.add_argument("--lsq_epochs", type=int, default=None,
                    help="LSQ+ supernet epochs for every space (default: tiny.yaml's, as the demo)")
     return p
@@ -120,7 +122,7 @@ class Bench:
     def train_and_search(self, label: str, enc: str, seed: int) -> None:
         out = self.out / f"seed{seed}"
         common = ["--data_path", self.data, "--output_dir", out, "--seed", seed, "--resume"]
-        for flag in ("epochs", "lsq_epochs"):
+        for flag in ("epochs", "lsq_epochs", "threads"):
             if getattr(self.args, flag) is not None:
                 common += [f"--{flag}", getattr(self.args, flag)]
         cfg = REPO / "supernet_training_configs" / "tiny.yaml"
