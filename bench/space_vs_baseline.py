@@ -60,6 +60,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=200, help="timed runs per deployed file (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=None,
                    help="fp32 supernet epochs for every space (default: tiny.yaml's, as the demo)")
+    p.add_argument("--population", type=int, default=16, help="subnet search population (default: %(default)s, "
+                   "as the demo)")
+    p.add_argument("--iterations", type=int, default=3, help="subnet search iterations (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of the training runs (default: tiny.yaml's; 1 when seeds run side by side)")
     p.add_argument("--lsq_epochs", type=int, default=None,
@@ -132,7 +135,8 @@ class Bench:
         self.run(f"search_{label}_{seed}", "search_subnet.py", "--supernet", enc, "--data_dir", self.data,
                  "--latency_predictor", self.args.platform, "--latency_table_dir", self.out / "latency",
                  "--latency_constraint", *self.state["subnet_targets"], "--latency_delta", self.state["subnet_delta"],
-                 "--population", 16, "--iterations", 3, "--num_mutations", 4, "--num_crossovers", 4, "--eval_top", 5,
+                 "--population", self.args.population, "--iterations", self.args.iterations, "--num_mutations", 4,
+                 "--num_crossovers", 4, "--eval_top", 5,
                  "--num_calib_batches", 2, "--resume", "--output_dir", out, "--seed", seed)
 
     def deploy(self, label: str, enc: str, seed: int) -> list[dict]:
