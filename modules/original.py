@@ -29,6 +29,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
+from modules.checkpoint import strip_module_prefix
 from modules.superspace import STAGE_NAMES
 
 # the original's name of each of our block submodules, per block class
@@ -161,10 +162,6 @@ def is_original_state(state: Mapping[str, object]) -> bool:
     return any(k.split("stages.", 1)[-1].startswith("first_conv.blocks.") for k in state)
 
 
-def _strip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
-
-
 def _lsq_net(choice, num_classes: int, original_sizes: bool = False) -> nn.Module:
     """A supernet of `choice` with the original preset's LSQ+ parameters, so that every original key has a
     counterpart (its weights are not used)."""
@@ -195,7 +192,7 @@ def _layout(net: nn.Module) -> _Layout:
 def check_original_state(state: Mapping[str, torch.Tensor], net: nn.Module, where: str = "checkpoint") -> None:
     """One ValueError naming the first keys that differ when `state` is not the original's state dict of `net`'s
     supernet (names and shapes)."""
-    _check(_strip(state), _layout(net), where)
+    _check(strip_module_prefix(state), _layout(net), where)
 
 
 def _check(state: dict, layout: _Layout, where: str) -> None:
@@ -228,7 +225,7 @@ def from_original_state(state: Mapping[str, torch.Tensor], net: nn.Module,
 
     The mode is "fp32" or "lsq"; for "lsq" switch `net` with ``set_quant_mode(net, "lsq", "original")`` before
     loading. Tensors are cut to our sizes (the original sizes a stage's first block for channels it never sees)."""
-    state, layout = _strip(state), _layout(net)
+    state, layout = strip_module_prefix(state), _layout(net)
     _check(state, layout, where)
     mode = original_quant_mode(state)
     ours = {}
