@@ -1,4 +1,4 @@
-"""Per-block INT8 report (the analogue of Vitis AI's inspector, issue 5): for every block type of the
+"""Per-block INT8 report (the analogue of Vitis AI's inspector): for every block type of the
 superspaces at typical shapes, FP32 and INT8 ONNX Runtime latency, their ratio, and which ops stay in
 float (DequantizeLinear -> op -> QuantizeLinear left in the optimised graph, `onnx_tools.inspect_int8`).
 

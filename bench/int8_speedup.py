@@ -1,4 +1,4 @@
-"""INT8 vs FP32 ONNX Runtime latency of the published SEQnet subnets (issue 5), measured in the same run.
+"""INT8 vs FP32 ONNX Runtime latency of the published SEQnet subnets, measured in the same run.
 
 For each model (default SEQnet@vnni-A0 and SEQnet@pixel4-A0, ``data/search_results.yaml``):
 ``modules.supernet.build_subnet`` (random weights) -> ``modules.export.export_onnx`` (fp32, opset 17)

@@ -1,4 +1,4 @@
-"""Latency predictor vs measured ONNX Runtime latency of random onnxw subnets (issue 5).
+"""Latency predictor vs measured ONNX Runtime latency of random onnxw subnets.
 
 1. Sample `--num` random subnets of random onnxw supernets, split over `--resolutions` (default
    50 at 160 px + 50 at 224 px), plus `--num_calib` subnets for the whole-model correction and

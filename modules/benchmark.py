@@ -1,4 +1,4 @@
-"""Latency measurement and inference runners for exported ONNX / TFLite models (issue 5).
+"""Latency measurement and inference runners for exported ONNX / TFLite models.
 
 * :func:`benchmark_onnx`: ONNX Runtime CPUExecutionProvider, ORT_ENABLE_ALL, sequential execution,
   ``intra_op_num_threads=threads``, ``inter_op_num_threads=1``, random-normal input of the model's

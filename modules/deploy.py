@@ -1,7 +1,7 @@
-"""Deploy exactly what was trained: learned LSQ+ scales into real int8 ONNX and TFLite (issue 9).
+"""Deploy exactly what was trained: learned LSQ+ scales into real int8 ONNX and TFLite.
 
 The original exported an fp32 ONNX and re-quantized it with ONNX Runtime on 30 *random* images, so
-the LSQ+ scales never reached the device and the deployed accuracy was unknown (spec §4.6, §11.2).
+the LSQ+ scales never reached the device and the deployed accuracy was unknown.
 Here the trained fake-quant network itself is frozen and exported; no calibration step in between.
 
 Backend presets (`modules.lsq`, `modules.ops`, `modules.blocks`), as MQBench's backend parameters:
@@ -9,11 +9,15 @@ Backend presets (`modules.lsq`, `modules.ops`, `modules.blocks`), as MQBench's b
 =========  ======================================  =====================================
 preset     activations (per tensor)                 weights (symmetric, per channel)
 =========  ======================================  =====================================
-original   u8 with a continuous offset (spec §4)   per tensor [-128, 127]: not deployable
+original   u8 with a continuous offset              per tensor [-128, 127]: converted first
 ort        u8, integer zero point                   s8 [-127, 127]
 tflite     s8, integer zero point                   s8 [-127, 127]
 ort_avx2   u8, integer zero point                   [-63, 63] (ORT's reduce_range)
 =========  ======================================  =====================================
+
+An ``original``-preset model (the original SpaceEvo's ``lsq.pth``) deploys after
+`modules.lsq.convert_original_preset` (``export_subnet.py --quant_preset ort``): its learned scales kept, each
+offset rounded to an integer zero point, per-channel weight scales.
 
 ``ort`` and ``tflite`` compute the same function (tflite names the 256-level grid -128..127 and its
 zero point zp-128), so a model trained with either deploys to both. What they quantize, measured
@@ -178,7 +182,8 @@ def model_preset(model: nn.Module) -> str:
     if bad or len(presets) != 1:
         raise ValueError(f"LSQ+ preset {sorted(presets)}: only {' / '.join(BACKEND_PRESETS)} models are deployable "
                          "with their learned scales (the original preset's continuous offset and per-tensor "
-                         "[-128, 127] weights have no int8 kernel); fine-tune with --quant_preset ort")
+                         "[-128, 127] weights have no int8 kernel); convert it with export_subnet.py --quant_preset "
+                         "ort, or fine-tune with --quant_preset ort")
     return presets.pop()
 
 

@@ -1,4 +1,4 @@
-"""ONNX / TFLite export helpers (issue 5), shared by `onnx_tools/` and `tflite_tools/`.
+"""ONNX / TFLite export helpers, shared by `onnx_tools/` and `tflite_tools/`.
 
 Works on any eval-able ``torch.nn.Module`` taking one ``[1, 3, H, W]`` image tensor:
 
@@ -538,7 +538,7 @@ def export_tflite(model: nn.Module, resolution, path: str | os.PathLike, int8: b
 # ----------------------------------------------------------------------------- input.csv / encodings
 @dataclass(frozen=True)
 class InputEntry:
-    """One model of an input.csv: ``<superspace>,<blocks>-<windows>,<subnet>`` (spec §11.2)."""
+    """One model of an input.csv: ``<superspace>,<blocks>-<windows>,<subnet>`` (the original's format)."""
     superspace: str
     choice: str
     subnet: str

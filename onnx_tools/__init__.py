@@ -1,1 +1,1 @@
-"""ONNX export, INT8 quantization, latency benchmark and int8 inspection tools (issue 5)."""
+"""ONNX export, INT8 quantization, latency benchmark and int8 inspection tools."""

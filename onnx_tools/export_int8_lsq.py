@@ -1,4 +1,4 @@
-"""Export trained LSQ+ subnets to int8 ONNX with their learned scales (no calibration; issue 9).
+"""Export trained LSQ+ subnets to int8 ONNX with their learned scales (no calibration).
 
 The trained fake-quant network itself is deployed: BN folded into the convs, every quantizer frozen at
 its learned scale / integer zero point, one QuantizeLinear/DequantizeLinear pair per quantized tensor,

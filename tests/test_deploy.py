@@ -1,4 +1,4 @@
-"""Deployment of trained LSQ+ networks with their learned scales (issue 9): backend presets, BN folding,
+"""Deployment of trained LSQ+ networks with their learned scales: backend presets, BN folding,
 int8 ONNX (ONNX Runtime) and int8 TFLite (LiteRT) agreeing with torch fake-quant.
 
 One tiny subnet of ``tiny-012345-000000`` (every block family: MobileNetV1Dual relu, MobileNetV2Res

@@ -1,1 +1,1 @@
-"""TFLite (LiteRT) export and latency benchmark tools (issue 5)."""
+"""TFLite (LiteRT) export and latency benchmark tools."""

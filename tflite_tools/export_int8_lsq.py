@@ -1,4 +1,4 @@
-"""Export trained LSQ+ subnets to a real int8 ``.tflite`` with their learned scales (no calibration; issue 9).
+"""Export trained LSQ+ subnets to a real int8 ``.tflite`` with their learned scales (no calibration).
 
 BN folded into the convs, every quantizer frozen at its learned scale / zero point as
 ``quantized_decomposed`` quantize/dequantize ops (int8 activations: the u8 zero point minus 128;
