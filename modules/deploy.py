@@ -361,7 +361,7 @@ def export_onnx_int8(model: nn.Module, path, resolution: int | None = None, opse
         from modules.checkpoint import atomic_write_bytes
 
         atomic_write_bytes(path, proto.SerializeToString())
-    write_qconfig(qconfig_path(path), qconfig_of(dm))
+    write_qconfig(qconfig_path(path), qconfig_of(dm, {n.name for n in proto.graph.node}))
     return path
 
 

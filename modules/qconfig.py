@@ -7,21 +7,23 @@ points of the file replace the learned ones). Format (version 1)::
     {"format": "spaceevo-qconfig", "version": 1, "preset": "tensorrt", "backend": "onnx",
      "tensors": [
        {"name": "stages.0.blocks.0.conv.conv.act_quant", "kind": "activation", "tensor": null,
+        "onnx_node": "/stages.0/blocks.0/conv/conv/act_quant/QuantizeLinear",
         "bits": 8, "dtype": "int8", "qmin": -128, "qmax": 127, "symmetric": true,
         "axis": null, "scale": [0.0123], "zero_point": [0]},
        {"name": "stages.0.blocks.0.conv.conv", "kind": "weight", "tensor": "stages.0.blocks.0.conv.conv.weight",
         "bits": 8, "dtype": "int8", "qmin": -127, "qmax": 127, "symmetric": true,
         "axis": 0, "scale": [0.002, 0.001, ...], "zero_point": [0, 0, ...]}]}
 
-``name``: the quantizer (activation) or the conv / linear (weight) in the PyTorch model; in the ONNX file its
-QuantizeLinear node is ``/<name with "." between modules as "/">/QuantizeLinear`` and a weight's initializer
-is ``tensor``. Real value = (q - zero_point) * scale with q in [qmin, qmax] of ``dtype``; ``axis`` null is one
+``name``: the quantizer (activation) or the conv / linear (weight) in the PyTorch model; ``onnx_node`` (ONNX
+files): its QuantizeLinear node in the file (`onnx_quantize_node`; null for a quantizer the graph does not
+use), and a weight's initializer is ``tensor``. Real value = (q - zero_point) * scale with q in [qmin, qmax] of ``dtype``; ``axis`` null is one
 scale for the tensor, 0 one per output channel. ``symmetric``: every zero point is 0. Weights are those
 of the exported graph: BN folded into the conv.
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -58,19 +60,49 @@ def _weight_entry(name: str, m: nn.Module) -> dict:
     return _entry(name, "weight", f"{name}.weight", dtype, rng, axis, m.w_scale.tolist(), m.w_zero_point.tolist())
 
 
+def _onnx_scope(name: str) -> str:
+    """A module name as the ONNX exporter writes scopes: "/" between modules, a list index kept with its list."""
+    return "/" + re.sub(r"\.(?=\D)", "/", name) if name else ""
+
+
+def onnx_quantize_node(name: str, kind: str, onnx_nodes) -> str | None:
+    """The QuantizeLinear node of module `name` among `onnx_nodes`. A weight's is in its conv's scope; an
+    activation quantizer's is named after the scope of the module that *calls* it
+    ("stages.1.blocks.0.conv1.conv.act_quant", called by its block to quantize the block input once, is
+    "/stages.1/blocks.0/act_quant/QuantizeLinear"): the deepest such scope present. None when absent."""
+    if kind == "weight":
+        node = f"{_onnx_scope(name)}/QuantizeLinear"
+        return node if node in onnx_nodes else None
+    *parents, leaf = name.split(".")
+    for i in range(len(parents), -1, -1):
+        node = f"{_onnx_scope('.'.join(parents[:i]))}/{leaf}/QuantizeLinear"
+        if node in onnx_nodes:
+            return node
+    return None
+
+
 def _frozen_quant_modules(model: nn.Module):
-    """(name, kind, module) of every frozen quantizer and frozen weight op of a deployed model."""
-    for name, m in model.named_modules():
-        if hasattr(m, "signed") and hasattr(m, "zero_point"):
-            yield name, "activation", m
-        elif isinstance(getattr(m, "w_scale", None), torch.Tensor):
-            yield name, "weight", m
+    """(names, kind, module) of every frozen quantizer and frozen weight op of a deployed model; a quantizer
+    shared by two ops (a block input quantized once for its branch and shortcut) has several names."""
+    names: dict[int, list] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if (hasattr(m, "signed") and hasattr(m, "zero_point")) or isinstance(getattr(m, "w_scale", None), torch.Tensor):
+            names.setdefault(id(m), [m]).append(name)
+    for m, *aliases in names.values():
+        yield aliases, ("activation" if hasattr(m, "zero_point") else "weight"), m
 
 
-def qconfig_of(model: nn.Module) -> dict:
-    """The quantization config of a deployed model (`modules.deploy.deploy_model`)."""
-    tensors = [(_act_entry if kind == "activation" else _weight_entry)(name, m)
-               for name, kind, m in _frozen_quant_modules(model)]
+def qconfig_of(model: nn.Module, onnx_nodes=None) -> dict:
+    """The quantization config of a deployed model (`modules.deploy.deploy_model`). `onnx_nodes`: the node names
+    of its ONNX file; each entry then takes the name whose QuantizeLinear is in the file and records the node."""
+    tensors, claimed = [], set()
+    for aliases, kind, m in _frozen_quant_modules(model):
+        t = (_act_entry if kind == "activation" else _weight_entry)(aliases[0], m)
+        if onnx_nodes is not None:
+            free = set(onnx_nodes) - claimed
+            t["onnx_node"] = next((n for n in (onnx_quantize_node(a, kind, free) for a in aliases) if n), None)
+            claimed.add(t["onnx_node"])
+        tensors.append(t)
     return {"format": FORMAT, "version": VERSION, "preset": model.deploy_preset, "backend": model.deploy_backend,
             "tensors": tensors}
 
@@ -104,7 +136,7 @@ def read_qconfig(path) -> dict:
 def apply_qconfig(model: nn.Module, cfg: dict) -> nn.Module:
     """Set a deployed model's frozen scales and zero points to those of `cfg` (every entry must name a frozen
     quantizer / weight op of the model, with as many scales as it has)."""
-    mods = {name: (kind, m) for name, kind, m in _frozen_quant_modules(model)}
+    mods = {name: (kind, m) for aliases, kind, m in _frozen_quant_modules(model) for name in aliases}
     for t in cfg["tensors"]:
         kind, m = mods.get(t["name"], (None, None))
         if kind != t["kind"]:
