@@ -13,7 +13,19 @@ original   u8 with a continuous offset (spec §4)   per tensor [-128, 127]: not 
 ort        u8, integer zero point                   s8 [-127, 127]
 tflite     s8, integer zero point                   s8 [-127, 127]
 ort_avx2   u8, integer zero point                   [-63, 63] (ORT's reduce_range)
+tensorrt   s8, zero point 0                         s8 [-127, 127]
+snpe       u8, integer zero point                   u8 per tensor, integer zero point
+vitis      s8, zero point 0, power-of-two scales    s8 per tensor, power-of-two scale
+openvino   s8 zero point 0; u8 zero point 0 after   s8 [-127, 127]
+           a ReLU
 =========  ======================================  =====================================
+
+The last four are the rules of backends that do not run here (OpenVINO's runtime integration lives with the
+latency code): their QDQ ONNX files obey those rules and ORT runs them (`tests/test_presets.py`). Per-tensor
+weight presets (snpe, vitis) fold BN into the float weight before quantizing it, as those backends' converters
+do (`modules.ops.fold_bn_float`), so the eval mode and the exported file compute the same thing, a little
+away from training's quantized-conv-then-BN (0.7-0.8 % of a conv's output in `tests/test_presets.py`, BN
+gains 0.01-2). Every export writes the quantization config file beside the model (`modules.qconfig`).
 
 ``ort`` and ``tflite`` compute the same function (tflite names the 256-level grid -128..127 and its
 zero point zp-128), so a model trained with either deploys to both. What they quantize, measured

@@ -19,6 +19,14 @@ Presets (what the fake-quant simulates):
     quantize the tensors between int8 kernels that are no conv input (residual branches, hardswish /
     swish inputs, SE, GAP inputs: `modules.ops.TensorQuantizer`, `modules.blocks`), and
     `modules.deploy` exports the learned scales to int8 ONNX / TFLite.
+  * ``tensorrt`` / ``snpe`` / ``vitis`` / ``openvino``: the rules MQBench lists for these backends (`RULES`):
+    TensorRT symmetric int8 activations (zero point 0, also after a ReLU) and per-channel weights; SNPE
+    asymmetric uint8 per tensor for activations *and* weights; Vitis AI symmetric per-tensor int8 with
+    power-of-two scales (2 ** round(log2 s), straight-through); OpenVINO per-channel weights, symmetric
+    activations, unsigned (uint8, zero point 0) after a ReLU. Per-tensor weights cannot absorb BN exactly:
+    their eval mode folds BN into the float weight before quantizing it (`modules.ops.fold_bn_float`).
+
+Every preset is a row of `RULES` (`QuantRules`): the quantizers read its fields, not the preset's name.
 
 Fixes against the original: the weight scale starts at max|W|/127 (the original's
 max|W|/255 clipped half the range); the root module is switched too; scales have a floor.

@@ -11,14 +11,17 @@ points of the file replace the learned ones). Format (version 1)::
         "bits": 8, "dtype": "int8", "qmin": -128, "qmax": 127, "symmetric": true,
         "axis": null, "scale": [0.0123], "zero_point": [0]},
        {"name": "stages.0.blocks.0.conv.conv", "kind": "weight", "tensor": "stages.0.blocks.0.conv.conv.weight",
+        "onnx_node": "/stages.0/blocks.0/conv/conv/QuantizeLinear",
         "bits": 8, "dtype": "int8", "qmin": -127, "qmax": 127, "symmetric": true,
         "axis": 0, "scale": [0.002, 0.001, ...], "zero_point": [0, 0, ...]}]}
 
 ``name``: the quantizer (activation) or the conv / linear (weight) in the PyTorch model; ``onnx_node`` (ONNX
 files): its QuantizeLinear node in the file (`onnx_quantize_node`; null for a quantizer the graph does not
-use), and a weight's initializer is ``tensor``. Real value = (q - zero_point) * scale with q in [qmin, qmax] of ``dtype``; ``axis`` null is one
-scale for the tensor, 0 one per output channel. ``symmetric``: every zero point is 0. Weights are those
-of the exported graph: BN folded into the conv.
+use); ``tensor``: a weight's initializer. Real value = (q - zero_point) * scale, q an integer in [qmin, qmax]
+of ``dtype``; ``axis`` null: one scale for the tensor, 0: one per output channel. ``symmetric``: every zero
+point is 0. Weights are those of the exported graph: BN folded into the conv. A file read back must name
+modules of the model exported (`apply_qconfig`); its scales replace the frozen ones, the weights are
+quantized again on the new grid.
 """
 from __future__ import annotations
 

@@ -128,7 +128,8 @@ def test_per_tensor_presets_fold_bn_before_quantization(preset):
     a = m.bn.weight / torch.sqrt(m.bn.running_var + m.bn.eps)
     s = float(m.conv.weight_quant.scale.detach().abs()) * float(a.detach().abs().max())
     assert float(d.conv.w_scale) == pytest.approx(2.0 ** round(math.log2(s)) if preset == "vitis" else s, rel=1e-6)
-    # the folded weight on one per-tensor grid: coarser for the small-|a| channels, so not exact; measured 1-3 %
+    # the folded weight on one per-tensor grid: coarser for the small-|a| channels, so not exact; measured
+    # 0.65 % (snpe) and 0.82 % (vitis)
     err = deploy.relative_error(folded, unfolded)
     print(f"{preset}: BN folded before quantization vs quantized conv then BN: relative error {err:.4f}")
     assert err < 0.05
