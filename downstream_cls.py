@@ -34,6 +34,7 @@ from modules.checkpoint import (atomic_save, atomic_write_text, build_checkpoint
                                 load_state_dict_strict, set_rng_state, to_plain)
 from modules.cli import add_aliases, add_common_args, positive_int, run_main, save_run_info, setup_logging
 from modules.data import DOWNSTREAM_DATASETS
+from modules.lsq import PRESETS
 
 log = logging.getLogger("downstream_cls")
 LOG_HEADER = ["epoch", "lr", "train_loss", "train_top1", "val_top1", "seconds"]
@@ -62,7 +63,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="run name (default: <subnet_ckpt stem>_<data_dir name>)")
     p.add_argument("--quant_mode", choices=["auto", "fp32", "lsq"], default="auto",
                    help="auto: the checkpoint's mode; lsq on an fp32 checkpoint initialises the LSQ+ scales from data")
-    p.add_argument("--quant_preset", choices=["original", "ort", "tflite"], default=None,
+    p.add_argument("--quant_preset", choices=list(PRESETS), default=None,
                    help="LSQ+ preset when switching an fp32 checkpoint to lsq (default ort)")
     p.add_argument("--epochs", type=positive_int, default=200)
     p.add_argument("--batch_size", type=positive_int, default=128)

@@ -47,7 +47,7 @@ from modules.checkpoint import (atomic_save, atomic_write_text, build_checkpoint
                                 load_state_dict_strict)
 from modules.encoding import format_substage
 from modules.engine import AMP_MODES, amp_autocast, amp_grad_scaler, calibrate_bn, param_groups, warmup_cosine
-from modules.lsq import quantizers, set_quant_mode
+from modules.lsq import PRESETS, quantizers, set_quant_mode
 from modules.ops import DynamicConv2d
 from modules.superspace import SEARCHABLE, SuperSpace, get_superspace
 from modules.supernet import DynamicStage
@@ -499,7 +499,7 @@ def add_block_kd_args(parser: argparse.ArgumentParser, phase: str) -> argparse.A
                              "%(default)s)")
     parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
     if not fp32:
-        parser.add_argument("--quant_preset", default="ort", choices=["original", "ort", "tflite"],
+        parser.add_argument("--quant_preset", default="ort", choices=list(PRESETS),
                             help="LSQ+ preset (default: %(default)s)")
     _add_original_block_kd_names(parser)
     return parser

@@ -13,11 +13,23 @@ original   u8 with a continuous offset              per tensor [-128, 127]: conv
 ort        u8, integer zero point                   s8 [-127, 127]
 tflite     s8, integer zero point                   s8 [-127, 127]
 ort_avx2   u8, integer zero point                   [-63, 63] (ORT's reduce_range)
+tensorrt   s8, zero point 0                         s8 [-127, 127]
+snpe       u8, integer zero point                   u8 per tensor, integer zero point
+vitis      s8, zero point 0, power-of-two scales    s8 per tensor, power-of-two scale
+openvino   s8 zero point 0; u8 zero point 0 after   s8 [-127, 127]
+           a ReLU
 =========  ======================================  =====================================
 
 An ``original``-preset model (the original SpaceEvo's ``lsq.pth``) deploys after
 `modules.lsq.convert_original_preset` (``export_subnet.py --quant_preset ort``): its learned scales kept, each
 offset rounded to an integer zero point, per-channel weight scales.
+
+The last four are the rules of backends that do not run here (OpenVINO's runtime integration lives with the
+latency code): their QDQ ONNX files obey those rules and ORT runs them (`tests/test_presets.py`). Per-tensor
+weight presets (snpe, vitis) fold BN into the float weight before quantizing it, as those backends' converters
+do (`modules.ops.fold_bn_float`), so the eval mode and the exported file compute the same thing, a little
+away from training's quantized-conv-then-BN (0.7-0.8 % of a conv's output in `tests/test_presets.py`, BN
+gains 0.01-2). Every export writes the quantization config file beside the model (`modules.qconfig`).
 
 ``ort`` and ``tflite`` compute the same function (tflite names the 256-level grid -128..127 and its
 zero point zp-128), so a model trained with either deploys to both. What they quantize, measured
@@ -81,9 +93,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modules.latency.sessions import ort_session
-from modules.lsq import ActQuantizer, WeightQuantizer, get_quant_mode, quantizers
+from modules.lsq import RULES, ActQuantizer, WeightQuantizer, get_quant_mode, quantizers
 from modules.ops import (BACKEND_PRESETS, DynamicConv2d, DynamicLinear, OriginalPresetQuantizer, backend_active,
-                         fold_conv_bn, input_scale, int32_bias, weight_scale)
+                         eval_conv_params, int32_bias, weight_scale)
+from modules.qconfig import apply_qconfig, qconfig_of, qconfig_path, write_qconfig
 
 __all__ = ["DEPLOY_BACKENDS", "FrozenActQuant", "FrozenConv2d", "FrozenLinear", "model_preset", "deploy_model",
            "fp32_model", "export_onnx_int8", "export_onnx_fp32", "export_tflite_int8", "export_tflite_fp32",
@@ -101,15 +114,17 @@ def _import_decomposed():
 class FrozenActQuant(nn.Module):
     """A quantizer frozen at (scale, zero point): 256 levels, `zero_point` on the 0..255 grid.
 
-    backend ``torch`` / ``onnx``: ``fake_quantize_per_tensor_affine`` (u8; ONNX Q/DQ pair);
+    backend ``torch`` / ``onnx``: ``fake_quantize_per_tensor_affine``, u8 (ONNX Q/DQ pair with a uint8 zero
+    point), or s8 when `signed` (the symmetric presets' int8 tensors: zero point `zero_point` - 128 = 0);
     ``tflite``: ``quantized_decomposed`` quantize/dequantize on the s8 grid (zero point - 128).
     `enabled` / `preset` let the blocks see an active backend quantizer (`modules.ops.backend_active`)."""
 
-    def __init__(self, scale: float, zero_point: int, backend: str, preset: str):
+    def __init__(self, scale: float, zero_point: int, backend: str, preset: str, signed: bool = False):
         super().__init__()
         if not (scale > 0 and np.isfinite(scale)) or not 0 <= zero_point <= 255:
             raise ValueError(f"bad activation quantization parameters: scale {scale}, zero point {zero_point}")
         self.scale, self.zero_point, self.backend = float(scale), int(zero_point), backend
+        self.signed = bool(signed)
         self.enabled, self.preset = True, preset
 
     def forward(self, x):
@@ -118,13 +133,24 @@ class FrozenActQuant(nn.Module):
             zp = self.zero_point - 128
             q = qd.quantize_per_tensor(x, self.scale, zp, -128, 127, torch.int8)
             return qd.dequantize_per_tensor(q, self.scale, zp, -128, 127, torch.int8)
+        if self.signed:
+            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point - 128, -128, 127)
         return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, 255)
 
     def extra_repr(self):
-        return f"scale={self.scale:.6g}, zero_point={self.zero_point} (u8), backend={self.backend}"
+        return (f"scale={self.scale:.6g}, zero_point={self.zero_point} (u8), signed={self.signed}, "
+                f"backend={self.backend}")
 
 
-def _fq_weight(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, backend: str) -> torch.Tensor:
+def _fq_weight(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, backend: str, qrange=None) -> torch.Tensor:
+    """Per-channel weights (axis 0); per-tensor ones when `qrange` (their integer range) is given."""
+    if qrange is not None:
+        lo, hi = (-128, 127) if qrange[0] < 0 else (0, 255)  # the exporters' int8 / uint8 ranges
+        if backend == "tflite":
+            qd = torch.ops.quantized_decomposed
+            q = qd.quantize_per_tensor(w, float(scale), int(zp), lo, hi, torch.int8)
+            return qd.dequantize_per_tensor(q, float(scale), int(zp), lo, hi, torch.int8)
+        return torch.fake_quantize_per_tensor_affine(w, float(scale), int(zp), lo, hi)
     if backend == "tflite":
         qd = torch.ops.quantized_decomposed
         q = qd.quantize_per_channel(w, scale, zp, 0, -127, 127, torch.int8)
@@ -134,25 +160,29 @@ def _fq_weight(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, backend: 
 
 
 class _FrozenWeightOp(nn.Module):
+    """`w_scale` / `w_zero_point`: one per output channel, or one (per tensor, `w_range` its integer range)."""
+
     def __init__(self, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, act_quant: nn.Module,
-                 backend: str):
+                 backend: str, w_zero_point: torch.Tensor | None = None, w_range: tuple | None = None):
         super().__init__()
         self.register_buffer("weight", weight.detach().float().contiguous())
         self.register_buffer("w_scale", w_scale.detach().float().contiguous())
-        self.register_buffer("w_zero_point", torch.zeros(weight.shape[0], dtype=torch.int64))
+        zp = torch.zeros(w_scale.numel(), dtype=torch.int64) if w_zero_point is None else w_zero_point
+        self.register_buffer("w_zero_point", zp.detach().to(torch.int64).reshape(-1).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
         self.act_quant = act_quant
-        self.backend = backend
+        self.backend, self.w_range = backend, w_range
 
     def quantized_weight(self) -> torch.Tensor:
-        return _fq_weight(self.weight, self.w_scale, self.w_zero_point, self.backend)
+        return _fq_weight(self.weight, self.w_scale, self.w_zero_point, self.backend, self.w_range)
 
 
 class FrozenConv2d(_FrozenWeightOp):
     """conv2d(act_quant(x), per-channel fake-quant weight) + float bias, weights and scales frozen (BN folded)."""
 
-    def __init__(self, weight, w_scale, bias, act_quant, backend, stride: int, padding: int, groups: int):
-        super().__init__(weight, w_scale, bias, act_quant, backend)
+    def __init__(self, weight, w_scale, bias, act_quant, backend, stride: int, padding: int, groups: int,
+                 w_zero_point=None, w_range=None):
+        super().__init__(weight, w_scale, bias, act_quant, backend, w_zero_point, w_range)
         self.stride, self.padding, self.groups = int(stride), int(padding), int(groups)
 
     def forward(self, x, prequantized: bool = False):
@@ -200,7 +230,7 @@ def _frozen_act(q: nn.Module, backend: str, preset: str) -> nn.Module:
     if not bool(q.initialized):
         raise ValueError(f"quantizer {q} has no learned scale yet (run a forward pass / load the LSQ+ checkpoint)")
     scale, zp = q.qparams()
-    return FrozenActQuant(scale, zp - q.qmin, backend, preset)
+    return FrozenActQuant(scale, zp - q.qmin, backend, preset, signed=q.rules.act_zero_point == "zero" and q.qmin < 0)
 
 
 def _record_calls(model: nn.Module, resolution: int) -> dict[nn.Module, tuple]:
@@ -229,27 +259,36 @@ def _record_calls(model: nn.Module, resolution: int) -> dict[nn.Module, tuple]:
 
 def _check_weights(m: nn.Module) -> None:
     wq: WeightQuantizer = m.weight_quant
-    if not (wq.enabled and getattr(wq, "per_channel", False)):
-        raise ValueError(f"{type(m).__name__}: weights are not per-channel LSQ+ (preset {wq.preset})")
+    if not (wq.enabled and wq.preset in BACKEND_PRESETS):
+        raise ValueError(f"{type(m).__name__}: weights are not LSQ+ with a backend preset (preset {wq.preset})")
     if not bool(wq.initialized):
         raise ValueError(f"{type(m).__name__}: weight scale not learned yet (run a forward pass / load the checkpoint)")
 
 
+def _frozen_weight_qparams(m: nn.Module, s_w: torch.Tensor, zp: torch.Tensor) -> dict:
+    """The frozen op's weight quantization: one scale per channel, or the per-tensor scale and its range."""
+    wq = m.weight_quant
+    if wq.per_channel:
+        return {"w_scale": s_w, "w_zero_point": zp, "w_range": None}
+    return {"w_scale": s_w[:1], "w_zero_point": zp[:1], "w_range": (wq.qmin, wq.qmax)}
+
+
+def _with_qrange(op: nn.Module, m: nn.Module) -> nn.Module:
+    op.w_qrange = (m.weight_quant.qmin, m.weight_quant.qmax)  # the integers the weights use (qconfig file)
+    return op
+
+
 @torch.no_grad()
 def _frozen_conv(conv: DynamicConv2d, call: tuple, act_quant: nn.Module, backend: str) -> FrozenConv2d:
-    """The eval-mode computation of `conv` (`DynamicConv2d.forward` with BN folded, int32 bias) frozen."""
+    """The eval-mode computation of `conv` (`modules.ops.eval_conv_params`: BN folded, int32 bias) frozen."""
     x, prequantized, bn = call[:3]
     _check_weights(conv)
     cin = x.shape[1]
-    w = conv.weight_quant(conv.active_weight(cin).contiguous())
-    s_w = weight_scale(conv, w.shape[0])
-    b = None if conv.bias is None else conv.bias[: w.shape[0]]
-    if bn is not None:
-        w, s_w, b = fold_conv_bn(w, s_w, b, bn)
-    if b is not None:
-        b = int32_bias(b, input_scale(conv, prequantized) * s_w)
-    return FrozenConv2d(w, s_w, b, act_quant, backend, conv.stride, conv.active_kernel_size // 2,
-                        cin if conv.depthwise else 1)
+    w, s_w, zp, b = eval_conv_params(conv, cin, prequantized, bn)
+    q = _frozen_weight_qparams(conv, s_w, zp)
+    return _with_qrange(FrozenConv2d(w, q["w_scale"], b, act_quant, backend, conv.stride,
+                                     conv.active_kernel_size // 2, cin if conv.depthwise else 1, q["w_zero_point"],
+                                     q["w_range"]), conv)
 
 
 @torch.no_grad()
@@ -258,7 +297,8 @@ def _frozen_linear(lin: DynamicLinear, call: tuple, act_quant: nn.Module, backen
     w = lin.weight_quant(lin.weight[: lin.active_out_features, : call[0].shape[1]].contiguous())
     s_w = weight_scale(lin, w.shape[0])
     b = None if lin.bias is None else int32_bias(lin.bias[: w.shape[0]], lin.act_quant.qparams()[0] * s_w)
-    return FrozenLinear(w, s_w, b, act_quant, backend)
+    q = _frozen_weight_qparams(lin, s_w, lin.weight_quant.qparams(w.shape[0])[1].expand(w.shape[0]))
+    return _with_qrange(FrozenLinear(w, q["w_scale"], b, act_quant, backend, q["w_zero_point"], q["w_range"]), lin)
 
 
 def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -266,7 +306,8 @@ def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, attr, new)
 
 
-def deploy_model(model: nn.Module, backend: str = "onnx", resolution: int | None = None) -> nn.Module:
+def deploy_model(model: nn.Module, backend: str = "onnx", resolution: int | None = None,
+                 qconfig: dict | None = None) -> nn.Module:
     """A frozen eval-mode copy of an LSQ+ network (preset ort / tflite) for `backend`.
 
     It computes what the eval-mode fake-quant model computes, frozen: BN folded into the preceding
@@ -280,6 +321,8 @@ def deploy_model(model: nn.Module, backend: str = "onnx", resolution: int | None
         raise ValueError(f"deploy backend {backend!r}; allowed: {', '.join(DEPLOY_BACKENDS)}")
     preset = model_preset(model)
     if backend == "tflite":
+        if not RULES[preset].weight_symmetric:
+            raise ValueError(f"preset {preset}: asymmetric uint8 weights have no TFLite int8 kernel; export ONNX")
         _import_decomposed()
     res = _resolution(model, resolution)
     model = copy.deepcopy(model).eval()
@@ -301,6 +344,8 @@ def deploy_model(model: nn.Module, backend: str = "onnx", resolution: int | None
         elif isinstance(m, nn.BatchNorm2d) and id(m) in folded:
             _set_child(model, name, nn.Identity())
     model.deploy_backend, model.deploy_preset, model.resolution = backend, preset, res
+    if qconfig is not None:
+        apply_qconfig(model, qconfig)
     return model.eval()
 
 
@@ -314,14 +359,17 @@ def fp32_model(model: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- export
-def export_onnx_int8(model: nn.Module, path, resolution: int | None = None, opset: int = 17) -> str:
+def export_onnx_int8(model: nn.Module, path, resolution: int | None = None, opset: int = 17,
+                     qconfig: dict | None = None) -> str:
     """Int8 QDQ ONNX of an LSQ+ network with its learned scales (TorchScript exporter, fixed batch 1,
-    input ``input`` / output ``output``); ORT fuses it into QLinearConv / QLinearAdd / ... kernels."""
+    input ``input`` / output ``output``); ORT fuses it into QLinearConv / QLinearAdd / ... kernels. `qconfig`
+    (`modules.qconfig`): scales and zero points that replace the learned ones. The file's quantization config
+    is written beside it (``<model>_int8.qconfig.json``)."""
     from modules.export import export_onnx
 
     import onnx
 
-    dm = deploy_model(model, "onnx", resolution)
+    dm = deploy_model(model, "onnx", resolution, qconfig)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning, message=".*fake_quantize.*")
         path = export_onnx(dm, dm.resolution, path, opset=opset)
@@ -330,6 +378,7 @@ def export_onnx_int8(model: nn.Module, path, resolution: int | None = None, opse
         from modules.checkpoint import atomic_write_bytes
 
         atomic_write_bytes(path, proto.SerializeToString())
+    write_qconfig(qconfig_path(path), qconfig_of(dm, {n.name for n in proto.graph.node}))
     return path
 
 
@@ -410,12 +459,15 @@ def _litert_convert(module: nn.Module, x: torch.Tensor, path, static_int8: bool)
     return str(path)
 
 
-def export_tflite_int8(model: nn.Module, path, resolution: int | None = None) -> str:
+def export_tflite_int8(model: nn.Module, path, resolution: int | None = None, qconfig: dict | None = None) -> str:
     """A real int8 ``.tflite`` of an LSQ+ network with its learned scales (litert-torch, static Q/DQ
-    fusion). Input: float32 NCHW ``[1, 3, r, r]``; output: float32 logits."""
-    dm = deploy_model(model, "tflite", resolution)
+    fusion). Input: float32 NCHW ``[1, 3, r, r]``; output: float32 logits. `qconfig` and the config file
+    written beside it: as `export_onnx_int8`."""
+    dm = deploy_model(model, "tflite", resolution, qconfig)
     x = torch.randn(1, 3, dm.resolution, dm.resolution, generator=torch.Generator().manual_seed(0))
-    return _litert_convert(dm, x, path, static_int8=True)
+    path = _litert_convert(dm, x, path, static_int8=True)
+    write_qconfig(qconfig_path(path), qconfig_of(dm))
+    return path
 
 
 def export_tflite_fp32(model: nn.Module, path, resolution: int | None = None) -> str:

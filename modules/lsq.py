@@ -19,6 +19,14 @@ Presets (what the fake-quant simulates):
     quantize the tensors between int8 kernels that are no conv input (residual branches, hardswish /
     swish inputs, SE, GAP inputs: `modules.ops.TensorQuantizer`, `modules.blocks`), and
     `modules.deploy` exports the learned scales to int8 ONNX / TFLite.
+  * ``tensorrt`` / ``snpe`` / ``vitis`` / ``openvino``: the rules MQBench lists for these backends (`RULES`):
+    TensorRT symmetric int8 activations (zero point 0, also after a ReLU) and per-channel weights; SNPE
+    asymmetric uint8 per tensor for activations *and* weights; Vitis AI symmetric per-tensor int8 with
+    power-of-two scales (2 ** round(log2 s), straight-through); OpenVINO per-channel weights, symmetric
+    activations, unsigned (uint8, zero point 0) after a ReLU. Per-tensor weights cannot absorb BN exactly:
+    their eval mode folds BN into the float weight before quantizing it (`modules.ops.fold_bn_float`).
+
+Every preset is a row of `RULES` (`QuantRules`): the quantizers read its fields, not the preset's name.
 
 Fixes against the original: the weight scale starts at max|W|/127 (the original's
 max|W|/255 clipped half the range); the root module is switched too; scales have a floor.
@@ -31,22 +39,73 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 QUANT_MODES = ("fp32", "lsq")
-PRESETS = ("original", "ort", "tflite", "ort_avx2")
-# weight integer range per preset: ort_avx2 keeps weights in 7 bits, as ONNX Runtime's reduce_range, so that
-# the fast u8 x s8 kernels of x86 CPUs without VNNI (int16 pair sums) cannot saturate
-WEIGHT_RANGES = {"original": (-128, 127), "ort": (-127, 127), "tflite": (-127, 127), "ort_avx2": (-63, 63)}
 SCALE_FLOOR = 1e-8
+ZERO_POINTS = ("continuous", "integer", "zero")
+
+
+@dataclass(frozen=True)
+class QuantRules:
+    """What a backend's int8 kernels accept, after MQBench's backend parameters (symmetry, per-channel,
+    power-of-two scale), as data: the quantizers read these fields instead of testing preset names.
+
+    act_dtype: the 256-level activation grid named ``uint8`` (0..255) or ``int8`` (-128..127).
+    act_zero_point: ``continuous`` (the original's real-valued offset: no int8 kernel), ``integer`` (asymmetric,
+        a learned integer zero point) or ``zero`` (symmetric: zero point 0 on the int8 grid).
+    relu_unsigned: a ReLU output may sit on an unsigned grid (zero point at its bottom; with symmetric
+        activations that is uint8 with zero point 0, as OpenVINO quantizes ReLU outputs).
+    weight_per_channel / weight_symmetric / weight_range: per output channel or per tensor; symmetric
+        (zero point 0, integers in weight_range) or asymmetric (uint8 with a learned integer zero point).
+    pot_scale: every scale is a power of two (rounded in the log2 domain, straight-through gradient)."""
+    act_dtype: str
+    act_zero_point: str
+    relu_unsigned: bool
+    weight_per_channel: bool
+    weight_symmetric: bool
+    weight_range: tuple
+    pot_scale: bool = False
+
+    def __post_init__(self):
+        if self.act_dtype not in ("uint8", "int8") or self.act_zero_point not in ZERO_POINTS:
+            raise ValueError(f"bad quantization rules {self}")
+
+
+# ort_avx2 keeps weights in 7 bits, as ONNX Runtime's reduce_range, so that the fast u8 x s8 kernels of x86
+# CPUs without VNNI (int16 pair sums) cannot saturate. The last four follow MQBench's backend table: TensorRT
+# (symmetric int8 everywhere, per-channel weights), SNPE (asymmetric uint8 per tensor), Vitis AI (symmetric
+# per-tensor int8 with power-of-two scales) and OpenVINO (per-channel symmetric weights; activations symmetric,
+# unsigned after a ReLU).
+RULES = {
+    "original": QuantRules("uint8", "continuous", False, False, True, (-128, 127)),
+    "ort": QuantRules("uint8", "integer", True, True, True, (-127, 127)),
+    "tflite": QuantRules("int8", "integer", True, True, True, (-127, 127)),
+    "ort_avx2": QuantRules("uint8", "integer", True, True, True, (-63, 63)),
+    "tensorrt": QuantRules("int8", "zero", False, True, True, (-127, 127)),
+    "snpe": QuantRules("uint8", "integer", True, False, False, (0, 255)),
+    "vitis": QuantRules("int8", "zero", False, False, True, (-128, 127), pot_scale=True),
+    "openvino": QuantRules("int8", "zero", True, True, True, (-127, 127)),
+}
+PRESETS = tuple(RULES)
+# the presets an int8 runtime can run exactly (integer zero points)
+BACKEND_PRESETS = tuple(p for p, r in RULES.items() if r.act_zero_point != "continuous")
+WEIGHT_RANGES = {p: r.weight_range for p, r in RULES.items()}
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """round() in the forward pass, identity gradient."""
     return (x.round() - x).detach() + x
+
+
+def pot_ste(s: torch.Tensor) -> torch.Tensor:
+    """The power of two nearest to s in the log2 domain, 2 ** round(log2 s), with a straight-through estimator
+    on the rounding (MQBench's power-of-two scale): the gradient is that of 2 ** log2(s)."""
+    return 2 ** round_ste(torch.log2(s))
 
 
 def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
@@ -284,40 +343,65 @@ class _Quantizer(nn.Module):
 
 
 class ActQuantizer(_Quantizer):
-    """Quantizes an op's input to 8 bits with a learned scale and offset (LSQ+).
+    """Quantizes an op's input to 8 bits with a learned scale and offset (LSQ+), under its preset's
+    `QuantRules` (grid, integer or fixed zero point, power-of-two scale).
 
     Two structural constraints, set by the block that knows what produces the input and used by the
-    backend presets only (``ort``, ``tflite``), make the fake-quant what an int8 kernel can fuse:
-    ``unsigned`` (the input is a ReLU/ReLU6 output: the zero point is fixed at the bottom of the grid,
-    so ONNX Runtime drops the Relu into the producing QLinearConv/QLinearAdd) and ``max_value`` (the
-    range never exceeds it, e.g. 6 after ReLU6, so ONNX Runtime drops the Clip). Neither is state.
+    backend presets only, make the fake-quant what an int8 kernel can fuse:
+    ``unsigned`` (the input is a ReLU/ReLU6 output: where the rules allow it, the zero point is fixed at the
+    bottom of the grid, so ONNX Runtime drops the Relu into the producing QLinearConv/QLinearAdd) and
+    ``max_value`` (the range never exceeds it, e.g. 6 after ReLU6, so ONNX Runtime drops the Clip). Neither
+    is state.
     """
     unsigned = False
     max_value = None
 
     def configure(self, preset: str) -> None:
-        self.preset = preset
-        self.integer_zero_point = preset != "original"
-        # the grid is 256 levels in every preset; tflite only names it -128..127 instead of 0..255
-        self.qmin, self.qmax = (-128, 127) if preset == "tflite" else (0, 255)
+        self.preset, self.rules = preset, RULES[preset]
+        self.integer_zero_point = self.rules.act_zero_point != "continuous"
         if not hasattr(self, "scale"):
             self.scale = nn.Parameter(torch.ones(1))
             self.offset = nn.Parameter(torch.zeros(1))
             self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
+    @property
+    def qmin(self) -> int:
+        """Bottom of the 256-level grid's integer names: -128 (int8) or 0 (uint8; a symmetric preset's ReLU
+        outputs when its rules allow unsigned ones)."""
+        r = self.rules
+        relu_u8 = r.act_zero_point == "zero" and r.relu_unsigned and self.unsigned
+        return -128 if r.act_dtype == "int8" and not relu_u8 else 0
+
+    @property
+    def qmax(self) -> int:
+        return self.qmin + 255
+
+    def fixed_zero_point(self) -> int | None:
+        """The zero point the rules fix, on the 0..255 grid (0: unsigned; 128: symmetric int8), or None when
+        it is learned."""
+        if not self.integer_zero_point:
+            return None
+        if self.unsigned and self.rules.relu_unsigned:
+            return 0
+        return -self.qmin if self.rules.act_zero_point == "zero" else None
+
     @torch.no_grad()
     def init_from(self, x: torch.Tensor) -> None:
         lo = _all_reduce(x.detach().min().reshape(1).clone(), torch.distributed.ReduceOp.MIN)
         hi = _all_reduce(x.detach().max().reshape(1).clone(), torch.distributed.ReduceOp.MAX)
+        zp = self.fixed_zero_point()
         if self.integer_zero_point:
             # an integer zero point in [0, 255] can only represent ranges that contain 0: without this,
             # an all-positive input (e.g. a GAP of ReLU outputs) got zp 0 and was clipped at hi - lo
             lo, hi = lo.clamp_max(0.0), hi.clamp_min(0.0)
-            if self.unsigned:
+            if self.unsigned and zp == 0:
                 lo = torch.zeros_like(lo)
             if self.max_value is not None:
                 hi = hi.clamp_max(self.max_value)
-        self.scale.copy_(((hi - lo) / (self.qmax - self.qmin)).clamp_min(1e-7))
+        if zp:  # symmetric int8: the larger side sets the scale
+            self.scale.copy_(torch.maximum(hi / (255 - zp), -lo / zp).clamp_min(1e-7))
+        else:
+            self.scale.copy_(((hi - lo) / (self.qmax - self.qmin)).clamp_min(1e-7))
         self.offset.copy_(lo)
         self.initialized.fill_(True)
 
@@ -341,17 +425,22 @@ class ActQuantizer(_Quantizer):
         return torch.fake_quantize_per_tensor_affine(x, s, zp, self.qmin, self.qmax)
 
     def _constrained(self):
-        """(scale, offset) with the `unsigned` / `max_value` constraints of the backend presets applied."""
+        """(scale, offset) with the rules and the `unsigned` / `max_value` constraints applied: a fixed zero
+        point makes the offset -zp * scale (still in the autograd graph), power-of-two rules round the scale."""
         scale, offset = self.scale, self.offset
-        if self.integer_zero_point:
-            if self.unsigned:
-                offset = offset * 0.0  # zero point at the bottom of the grid (still in the autograd graph)
-            if self.max_value is not None:
-                scale = scale.abs().clamp_max(self.max_value / (self.qmax - self.qmin))
+        zp = self.fixed_zero_point()
+        if zp == 0:
+            offset = offset * 0.0  # zero point at the bottom of the grid (still in the autograd graph)
+        if self.integer_zero_point and self.max_value is not None:
+            scale = scale.abs().clamp_max(self.max_value / (self.qmax - self.qmin - (zp or 0)))
+        if self.rules.pot_scale:
+            scale = pot_ste(scale.abs().clamp_min(SCALE_FLOOR))
+        if zp:
+            offset = offset * 0.0 - zp * scale.abs().clamp_min(SCALE_FLOOR)
         return scale, offset
 
     def zero_point(self) -> int:
-        """Integer zero point on this quantizer's grid (0..255 for ort, -128..127 for tflite)."""
+        """Integer zero point on this quantizer's grid (0..255 for uint8 grids, -128..127 for int8 ones)."""
         return self.qparams()[1]
 
     @torch.no_grad()
@@ -365,18 +454,27 @@ class ActQuantizer(_Quantizer):
 
 
 class WeightQuantizer(_Quantizer):
-    """Symmetric signed 8-bit weights, per tensor (original) or per output channel (ort/tflite)."""
+    """8-bit weights under the preset's `QuantRules`: symmetric per tensor (original, vitis) or per output
+    channel (ort, tflite, tensorrt, openvino), or asymmetric uint8 per tensor with a learned integer zero
+    point (snpe: the weight is fake-quantized as an activation is)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.channels = channels
 
     def configure(self, preset: str) -> None:
-        self.preset = preset
-        self.per_channel = preset != "original"
-        self.qmin, self.qmax = WEIGHT_RANGES[preset]
+        self.preset, self.rules = preset, RULES[preset]
+        self.per_channel, self.symmetric = self.rules.weight_per_channel, self.rules.weight_symmetric
+        self.qmin, self.qmax = self.rules.weight_range
         shape = self.channels if self.per_channel else 1
-        if not hasattr(self, "scale") or self.scale.numel() != shape:
+        fresh = not hasattr(self, "scale") or self.scale.numel() != shape
+        if hasattr(self, "offset") == self.symmetric:  # an asymmetric grid learns an offset, a symmetric one none
+            if self.symmetric:
+                del self.offset
+            else:
+                self.offset = nn.Parameter(torch.zeros(1))
+                fresh = True
+        if fresh:
             if hasattr(self, "scale"):
                 del self.scale
                 del self.initialized
@@ -385,7 +483,15 @@ class WeightQuantizer(_Quantizer):
 
     @torch.no_grad()
     def init_from(self, w: torch.Tensor) -> None:
-        """Scale = max|W| / 127 (per channel when per_channel), so no weight is clipped at init."""
+        """Scale = max|W| / 127 (per channel when per_channel), so no weight is clipped at init; an asymmetric
+        grid spans [min(W, 0), max(W, 0)]."""
+        if not self.symmetric:
+            lo = _all_reduce(w.detach().min().clamp_max(0.0).reshape(1).clone(), torch.distributed.ReduceOp.MIN)
+            hi = _all_reduce(w.detach().max().clamp_min(0.0).reshape(1).clone(), torch.distributed.ReduceOp.MAX)
+            self.scale.copy_(((hi - lo) / (self.qmax - self.qmin)).clamp_min(1e-7))
+            self.offset.copy_(lo)
+            self.initialized.fill_(True)
+            return
         if self.per_channel:
             m = w.detach().abs().flatten(1).amax(1)
             m = torch.cat([m, m.new_full((self.channels - m.numel(),), float(m.mean()))])
@@ -395,17 +501,47 @@ class WeightQuantizer(_Quantizer):
         self.scale.copy_((m / self.qmax).clamp_min(1e-7))
         self.initialized.fill_(True)
 
+    def effective(self, cout: int, gain: float = 1.0):
+        """(scale, offset or None) the fake-quant of a `cout`-channel weight uses: the learned ones, times `gain`
+        (a per-tensor weight with BN folded in, `modules.ops.fold_bn_float`), rounded to powers of two when the
+        rules say so."""
+        scale = self.scale[:cout] if self.per_channel else self.scale
+        offset = None if self.symmetric else self.offset
+        if gain != 1.0:
+            scale = scale.abs() * gain
+            offset = None if offset is None else offset * gain
+        if self.rules.pot_scale:
+            scale = pot_ste(scale.abs().clamp_min(SCALE_FLOOR))
+        return scale, offset
+
     @_fp32
     def forward(self, w):
         """w: the active (sliced) weight; its first dim indexes the first w.shape[0] channels."""
+        return self.quantize(w)
+
+    def quantize(self, w, gain: float = 1.0):
+        """Fake-quantize `w` with the learned parameters times `gain` (see `effective`)."""
         if not self.enabled:
             return w
         if not self.initialized:
             self.init_from(w)
-        scale = self.scale[: w.shape[0]] if self.per_channel else self.scale
+        scale, offset = self.effective(w.shape[0], gain)
+        if offset is not None:
+            g = 1.0 / math.sqrt(w.numel() * (self.qmax - self.qmin)) if self.training else 1.0
+            return quantize_activation(w, scale, offset, self.qmin, self.qmax, True, g)
         per_scale = w.numel() // scale.numel()
         g = 1.0 / math.sqrt(per_scale * self.qmax) if self.training else 1.0
         return quantize_weight(w, scale, self.qmin, self.qmax, g)
+
+    @torch.no_grad()
+    def qparams(self, cout: int, gain: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scales, integer zero points), one per channel or one per tensor, as `quantize` uses them."""
+        scale, offset = self.effective(cout, gain)
+        s = scale.abs().clamp_min(SCALE_FLOOR)
+        if offset is None:
+            return s, torch.zeros(s.shape, dtype=torch.int64)
+        zp = torch.clamp(torch.round(-offset / s), 0, self.qmax - self.qmin) + self.qmin
+        return s, zp.to(torch.int64)
 
 
 class QBase(nn.Module):
@@ -494,5 +630,7 @@ def convert_original_preset(model: nn.Module, preset: str = "ort") -> nn.Module:
     set_quant_mode(model, "lsq", preset)
     for q, (scale, initialized) in weights.items():
         q.scale.copy_(scale.expand_as(q.scale))
+        if not q.symmetric:  # the original's grid [-128, 127] on an asymmetric uint8 one: zero point 128
+            q.offset.copy_(-128 * q.scale)
         q.initialized.fill_(initialized)
     return model

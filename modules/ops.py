@@ -31,10 +31,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modules.lsq import SCALE_FLOOR, ActQuantizer, QBase, quantize_activation
+from modules.lsq import BACKEND_PRESETS, RULES, SCALE_FLOOR, ActQuantizer, QBase, pot_ste, quantize_activation
 from modules.superspace import make_divisible
 
-BACKEND_PRESETS = ("ort", "tflite", "ort_avx2")
+__all__ = ["BACKEND_PRESETS"]  # re-exported: the presets an int8 runtime runs (modules.lsq.RULES)
 
 
 def backend_active(q: nn.Module) -> bool:
@@ -64,7 +64,7 @@ class TensorQuantizer(ActQuantizer):
             _restore_quant_state(self)
             super().configure(preset)
             return
-        self.preset, self.integer_zero_point = preset, False
+        self.preset, self.rules, self.integer_zero_point = preset, RULES[preset], False
         _drop_quant_state(self)
 
     def forward(self, x):
@@ -74,8 +74,10 @@ class TensorQuantizer(ActQuantizer):
 
 
 class FixedQuantizer(TensorQuantizer):
-    """A TensorQuantizer on the fixed grid k * step, k = 0..255 (zero point at the bottom): a sigmoid
-    output (step 1/256, what TFLite's int8 LOGISTIC requires) or the SE's hardsigmoid gate (1/255)."""
+    """A TensorQuantizer on a fixed grid: a sigmoid output (step 1/256, what TFLite's int8 LOGISTIC requires)
+    or the SE's hardsigmoid gate (1/255), k * step with k = 0..255 (zero point at the bottom). Presets whose
+    rules forbid unsigned tensors (TensorRT, Vitis AI) use the symmetric int8 grid: twice the step (a power
+    of two under power-of-two rules), zero point 0, half the levels unused."""
     unsigned = True
 
     def __init__(self, step: float):
@@ -84,19 +86,29 @@ class FixedQuantizer(TensorQuantizer):
 
     def configure(self, preset: str) -> None:
         _drop_quant_state(self)
-        self.preset = preset
+        self.preset, self.rules = preset, RULES[preset]
         self.integer_zero_point = preset in BACKEND_PRESETS
-        self.qmin, self.qmax = (-128, 127) if preset == "tflite" else (0, 255)
+
+    def grid(self) -> tuple[float, int]:
+        """(step, zero point on the 0..255 grid) under this preset's rules."""
+        zp = self.fixed_zero_point() or 0
+        if not zp:
+            return self.step, 0
+        step = torch.tensor(2 * self.step)
+        return float(pot_ste(step) if self.rules.pot_scale else step), zp
 
     def forward(self, x):
         if not backend_active(self):
             return x
         if not self.training:
             return self.fake_quant_as_deployed(x)
-        return quantize_activation(x, x.new_full((1,), self.step), x.new_zeros(1), self.qmin, self.qmax, True)
+        step, zp = self.grid()
+        offset = x.new_zeros(1) if zp == 0 else x.new_full((1,), -zp * step)
+        return quantize_activation(x, x.new_full((1,), step), offset, self.qmin, self.qmax, True)
 
     def qparams(self) -> tuple[float, int]:
-        return self.step, self.qmin
+        step, zp = self.grid()
+        return step, zp + self.qmin
 
     def extra_repr(self) -> str:
         return f"step={self.step:.6g}, enabled={self.enabled}, preset={self.preset}"
@@ -112,7 +124,7 @@ class OriginalPresetQuantizer(ActQuantizer):
             _restore_quant_state(self)
             super().configure(preset)
             return
-        self.preset, self.integer_zero_point = preset, True
+        self.preset, self.rules, self.integer_zero_point = preset, RULES[preset], True
         _drop_quant_state(self)
 
     def forward(self, x):
@@ -121,11 +133,11 @@ class OriginalPresetQuantizer(ActQuantizer):
         return super().forward(x)
 
 
-def weight_scale(conv: nn.Module, cout: int) -> torch.Tensor:
-    """The per-channel weight scales of `conv`'s first `cout` channels as its WeightQuantizer uses them."""
-    s = conv.weight_quant.scale
-    s = s[:cout] if s.numel() > 1 else s.expand(cout)
-    return s.abs().clamp_min(SCALE_FLOOR)
+def weight_scale(conv: nn.Module, cout: int, gain: float = 1.0) -> torch.Tensor:
+    """The weight scales of `conv`'s first `cout` channels as its WeightQuantizer uses them (one per channel;
+    a per-tensor scale repeated). `gain`: see `WeightQuantizer.effective`."""
+    s, _ = conv.weight_quant.qparams(cout, gain)
+    return s if s.numel() == cout else s.expand(cout)
 
 
 def input_scale(conv: nn.Module, prequantized) -> float:
@@ -158,6 +170,45 @@ def fold_conv_bn(w_q: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor | None
     q = torch.where(zero.view(view), torch.zeros_like(q), q * torch.where(a < 0, -1.0, 1.0).view(view))
     s_fold = torch.where(zero, s_w, s_w * a.abs())
     return q * s_fold.view(view), s_fold, shift
+
+
+def fold_bn_float(w: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d):
+    """Fold eval-mode BN into a float conv weight before quantization, as a per-tensor backend's converter does
+    (SNPE, Vitis AI): returns (w * a, bias', max|a|) with a = gamma / sqrt(var + eps). A per-tensor grid cannot
+    absorb a per-channel factor exactly (unlike `fold_conv_bn`), so the folded weight is quantized afresh,
+    with the learned per-tensor scale (and offset) times max|a|: the channel with the largest |a| keeps the
+    grid it was trained on, the others get a coarser one relative to their range."""
+    c = w.shape[0]
+    a = bn.weight[:c] / torch.sqrt(bn.running_var[:c] + bn.eps)
+    shift = bn.bias[:c] - bn.running_mean[:c] * a
+    if bias is not None:
+        shift = shift + a * bias[:c]
+    gain = float(a.abs().max().clamp_min(SCALE_FLOOR))
+    return w * a.view((-1,) + (1,) * (w.dim() - 1)), shift, gain
+
+
+def eval_conv_params(conv: nn.Module, cin: int, prequantized, bn: nn.BatchNorm2d | None):
+    """(fake-quant weight, per-channel weight scales, per-channel weight zero points, bias) of `conv` in the eval
+    mode of a backend preset: BN folded (exactly into per-channel scales, `fold_conv_bn`; before quantization
+    for per-tensor weights, `fold_bn_float`) and the bias on the int32 grid (`int32_bias`). `modules.deploy`
+    freezes exactly these tensors."""
+    wq = conv.weight_quant
+    w = conv.active_weight(cin).contiguous()
+    b = None if conv.bias is None else conv.bias[: w.shape[0]]
+    cout, gain = w.shape[0], 1.0
+    if bn is not None and not wq.per_channel:
+        w, b, gain = fold_bn_float(w, b, bn)
+        w = wq.quantize(w, gain)
+        s_w = weight_scale(conv, cout, gain)
+    else:
+        w = wq(w)
+        s_w = weight_scale(conv, cout)
+        if bn is not None:
+            w, s_w, b = fold_conv_bn(w, s_w, b, bn)
+    zp = wq.qparams(cout, gain)[1].expand(cout)
+    if b is not None:
+        b = int32_bias(b, input_scale(conv, prequantized) * s_w)
+    return w, s_w, zp, b
 
 
 def mark_input(q: nn.Module, producer_act: str) -> None:
@@ -220,13 +271,11 @@ class DynamicConv2d(QBase):
         act_quant is skipped), else False. `fold_bn` (eval mode, backend presets): the BN after this conv,
         folded in as the int8 backends compute it (`fold_conv_bn`, `int32_bias`)."""
         cin = x.shape[1]
-        w = self.weight_quant(self.active_weight(cin).contiguous())
-        b = None if self.bias is None else self.bias[: w.shape[0]]
-        if fold_bn is not None:
-            w, s_fold, b = fold_conv_bn(w, weight_scale(self, w.shape[0]), b, fold_bn)
-            b = int32_bias(b, input_scale(self, prequantized) * s_fold)
-        elif b is not None and not self.training and backend_active(self.weight_quant):
-            b = int32_bias(b, input_scale(self, prequantized) * weight_scale(self, w.shape[0]))
+        if fold_bn is not None or (self.bias is not None and not self.training and backend_active(self.weight_quant)):
+            w, _, _, b = eval_conv_params(self, cin, prequantized, fold_bn)
+        else:
+            w = self.weight_quant(self.active_weight(cin).contiguous())
+            b = None if self.bias is None else self.bias[: w.shape[0]]
         return F.conv2d(x if prequantized else self.act_quant(x), w, b, self.stride, self.active_kernel_size // 2,
                         1, cin if self.depthwise else 1)
 

@@ -44,6 +44,8 @@ def add_lsq_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", action="store_true", help="run the exported file and torch fake-quant on 64 "
                    "inputs (--data_dir val images, else random) and report the relative output error")
     p.add_argument("--data_dir", default=None, help="ImageFolder root with val/ for --verify")
+    p.add_argument("--qconfig", default=None, help="a quantization config file (modules.qconfig; written beside "
+                   "every exported int8 model): export with its scales and zero points instead of the learned ones")
 
 
 def load_lsq_models(args):
@@ -115,12 +117,14 @@ def main(args):
     import torch
 
     from modules import deploy
+    from modules.qconfig import read_qconfig
 
     out_dir = Path(args.output_dir)
+    qconfig = read_qconfig(args.qconfig) if args.qconfig else None
     written = []
     for stem, model in load_lsq_models(args):
         r = args.resolution or int(model.resolution)
-        int8 = deploy.export_onnx_int8(model, out_dir / f"{stem}_int8.onnx", r, opset=args.opset)
+        int8 = deploy.export_onnx_int8(model, out_dir / f"{stem}_int8.onnx", r, opset=args.opset, qconfig=qconfig)
         fp32 = None if args.no_fp32 else deploy.export_onnx_fp32(model, out_dir / f"{stem}.onnx", r, opset=args.opset)
         print(f"{stem} ({deploy.model_preset(model)}, r{r})\n  -> {int8}" + (f"\n  -> {fp32}" if fp32 else ""))
         row = {"name": stem, "int8": int8, "fp32": fp32}

@@ -42,12 +42,14 @@ def main(args):
     import torch
 
     from modules import deploy
+    from modules.qconfig import read_qconfig
 
     out_dir = Path(args.output_dir)
+    qconfig = read_qconfig(args.qconfig) if args.qconfig else None
     written = []
     for stem, model in load_lsq_models(args):
         r = args.resolution or int(model.resolution)
-        int8 = deploy.export_tflite_int8(model, out_dir / f"{stem}_int8.tflite", r)
+        int8 = deploy.export_tflite_int8(model, out_dir / f"{stem}_int8.tflite", r, qconfig=qconfig)
         fp32 = None if args.no_fp32 else deploy.export_tflite_fp32(model, out_dir / f"{stem}.tflite", r)
         print(f"{stem} ({deploy.model_preset(model)}, r{r})\n  -> {int8}" + (f"\n  -> {fp32}" if fp32 else ""))
         row = {"name": stem, "int8": int8, "fp32": fp32}
