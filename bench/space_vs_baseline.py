@@ -60,6 +60,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=200, help="timed runs per deployed file (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=None,
                    help="fp32 supernet epochs for every space (default: tiny.yaml's, as the demo)")
+    p.add_argument("--report_only", action="store_true",
+                   help="run nothing: summarize what is finished (a space still running is reported as not run)")
     p.add_argument("--population", type=int, default=16, help="subnet search population (default: %(default)s, "
                    "as the demo)")
     p.add_argument("--iterations", type=int, default=3, help="subnet search iterations (default: %(default)s)")
@@ -160,6 +162,24 @@ class Bench:
             rows.append(self.row(label, enc, seed, target, best, sub, onnx_dir))
         return rows
 
+    def finished_rows(self, label: str, enc: str, seed: int) -> list[dict]:
+        """--report_only: the rows of the targets whose search and deployment are done; nothing is run."""
+        from modules.subnet_search import search_run_dir
+
+        out, rows = self.out / f"seed{seed}", []
+        if not (self.markers / f"search_{label}_{seed}.done").exists():
+            return rows
+        for target in self.state["subnet_targets"]:
+            best_json = search_run_dir(out, enc, target, self.state["subnet_delta"]) / "best.json"
+            best = json.loads(best_json.read_text())
+            stem = f"{label}_s{seed}_c{target:g}"
+            if not best.get("top_val"):
+                rows.append({"space": label, "supernet": enc, "seed": seed, "target_ms": target})
+            elif (self.markers / f"time_{stem}.done").exists():
+                rows.append(self.row(label, enc, seed, target, best, out / "subnets" / f"{stem}.pth",
+                                     out / "deploy" / stem))
+        return rows
+
     def row(self, label, enc, seed, target, best, sub: Path, onnx_dir: Path) -> dict:
         with open(onnx_dir / "latency.csv") as f:
             (timing,) = list(csv.DictReader(f))
@@ -193,13 +213,17 @@ class Bench:
 
     def main(self) -> None:
         print("compared spaces:", json.dumps(self.spaces, indent=1), flush=True)
-        self.latency_table()
+        if not self.args.report_only:
+            self.latency_table()
         self.latency_windows()
         rows = []
         for seed in self.args.seeds:
             for label, enc in self.spaces.items():
-                self.train_and_search(label, enc, seed)
-                rows += self.deploy(label, enc, seed)
+                if not self.args.report_only:
+                    self.train_and_search(label, enc, seed)
+                    rows += self.deploy(label, enc, seed)
+                else:
+                    rows += self.finished_rows(label, enc, seed)
         write_results(self.out, rows, self.spaces, self.args.seeds, self.state)
 
 
