@@ -21,6 +21,7 @@ import re
 import shlex
 import subprocess
 import tempfile
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 from modules.latency.keys import MEASURED_PLATFORMS, ORT_PLATFORMS, TFLITE_PLATFORMS, block_key
@@ -36,7 +37,7 @@ class DeviceError(ValueError):
     """The device failed or answered nonsense (one line naming the device call and the model)."""
 
 
-class _DeviceRunner:
+class _DeviceRunner(ABC):
     """What both device runners share: writing the model files, pushing them, device calls, errors."""
 
     kind = "device"
@@ -49,17 +50,20 @@ class _DeviceRunner:
         self._ready = False
 
     # ------------------------------------------------------------------ subclass interface
+    @abstractmethod
     def _describe(self) -> dict:
-        raise NotImplementedError
+        """What the device is (name, CPU, runtime), stored with the table."""
 
     def _setup(self) -> None:
         """Prepare the device once (directories, helper files)."""
 
+    @abstractmethod
     def _push(self, path: Path) -> str:
-        raise NotImplementedError
+        """Copy a model file to the device; its path there."""
 
+    @abstractmethod
     def _time(self, remote: str, what: str, platform: str, mc: MeasureConfig, kind: str) -> dict:
-        raise NotImplementedError
+        """Statistics of one pushed file timed on the device."""
 
     def _time_many(self, remotes: dict[str, str], whats: dict[str, str], platform: str, mc: MeasureConfig,
                    kind: str) -> dict[str, dict]:
