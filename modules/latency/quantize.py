@@ -153,23 +153,23 @@ def nhwc_boundaries(model) -> None:
 
     if inp.type.tensor_type.elem_type == TensorProto.UINT8 and len(dims(inp)) == 4:
         n_, c, h, w = dims(inp)
-        for n in g.node:
-            for i, x in enumerate(n.input):
-                if x == inp.name:
-                    n.input[i] = "input_nchw"
+        _rename(g, inp.name, "input_nchw")
         g.node.insert(0, helper.make_node("Transpose", [inp.name], ["input_nchw"], perm=[0, 3, 1, 2], name="input_T"))
         inp.CopyFrom(helper.make_tensor_value_info(inp.name, TensorProto.UINT8, [n_, h, w, c]))
     if out.type.tensor_type.elem_type == TensorProto.UINT8 and len(dims(out)) == 4:
         n_, c, h, w = dims(out)
-        for n in g.node:
-            for i, x in enumerate(n.output):
-                if x == out.name:
-                    n.output[i] = "output_nchw"
-            for i, x in enumerate(n.input):
-                if x == out.name:
-                    n.input[i] = "output_nchw"
+        _rename(g, out.name, "output_nchw")
         g.node.append(helper.make_node("Transpose", ["output_nchw"], [out.name], perm=[0, 2, 3, 1], name="output_T"))
         out.CopyFrom(helper.make_tensor_value_info(out.name, TensorProto.UINT8, [n_, h, w, c]))
+
+
+def _rename(graph, old: str, new: str) -> None:
+    """Every node input and output named `old` is named `new` (the graph's own inputs/outputs are untouched)."""
+    for n in graph.node:
+        for names in (n.input, n.output):
+            for i, x in enumerate(names):
+                if x == old:
+                    names[i] = new
 
 
 def _first_qparams(graph) -> tuple[float, int]:
